@@ -44,8 +44,7 @@ class CGRState(NamedTuple):
 
 def _pair_gammas(gram, tau, eps):
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
-  k = gram.shape[0]
-  pairs = list(itertools.combinations(range(k), 2))
+  pairs = list(itertools.combinations(range(gram.shape[0]), 2))
   gammas = [tau / (norms[i] * norms[j] + eps) for i, j in pairs]
   cosines = [gram[i, j] / (norms[i] * norms[j] + eps) for i, j in pairs]
   mean_cos = jnp.mean(jnp.stack(cosines)) if pairs else jnp.zeros((), gram.dtype)
@@ -53,30 +52,37 @@ def _pair_gammas(gram, tau, eps):
 
 
 def _split(stacked, tau, eps):
-  """(sum_j g_j, correction, mean cosine) with update = sum - correction (Eq. 24)."""
-  gram = st.gram_matrix(stacked)
+  """(sum_j g_j, correction, mean cosine, scale) with update = sum - correction.
+
+  Works on x = g / max|g| so that the cubic products cannot overflow or underflow:
+  gamma g_i g_j (g_i + g_j) = scale * tau x_i x_j (x_i + x_j) / (|x_i| |x_j|), Eq. 24.
+  """
+  scale = st.max_abs(stacked)
+  gram = st.gram_matrix(stacked, scale)
   pairs, gammas, mean_cos = _pair_gammas(gram, tau, eps)
-  dtype = gram.dtype
+  inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
 
   def one(leaf):
-    x = leaf.astype(st.compute_dtype(leaf.dtype))
-    corr = jnp.zeros(x.shape[1:], x.dtype)
-    for (i, j), gamma in zip(pairs, gammas):
-      corr = corr + gamma.astype(x.dtype) * x[i] * x[j] * (x[i] + x[j])
-    return jnp.sum(x, axis=0), corr
+    dtype = st.compute_dtype(leaf.dtype)
+    x = leaf.astype(dtype)
+    xs = x * inv.astype(dtype)
+    corr = jnp.zeros(x.shape[1:], dtype)
+    for (i, j), gamma in zip(pairs, gammas, strict=True):
+      corr = corr + gamma.astype(dtype) * xs[i] * xs[j] * (xs[i] + xs[j])
+    return jnp.sum(x, axis=0), corr * scale.astype(dtype)
 
   out = jax.tree.map(one, stacked)
   total = jax.tree.map(lambda _, o: o[0], stacked, out)
   corr = jax.tree.map(lambda _, o: o[1], stacked, out)
-  return total, corr, mean_cos.astype(dtype)
+  return total, corr, mean_cos, scale
 
 
 def cgr(
-    tau: float = 0.01,
-    *,
-    num_streams: int = 2,
-    reduction: str = "sum",
-    eps: float = 1e-12,
+  tau: float = 0.01,
+  *,
+  num_streams: int = 2,
+  reduction: str = "sum",
+  eps: float = 1e-12,
 ) -> optax.GradientTransformation:
   """CGR as an optax transformation: stacked [K, ...] -> [...] (paper Eq. 24).
 
@@ -86,7 +92,9 @@ def cgr(
     reduction: "sum" (paper) or "mean": "mean" divides the whole update by K, so that
       CGR and ``uvs(reduction="mean")`` give the projection layer and the rest of the
       network the same step size.
-    eps: added to the norm product in gamma, so zero gradients give no NaN.
+    eps: added to the norm product in gamma, so zero gradients give no NaN. The norms
+      are of g / max|g| (the transform works scale-free to avoid float32 overflow in
+      the cubic term), so eps is relative to the gradients' own scale.
 
   Computes in at least float32 and returns each leaf in its own dtype. Meant for the
   parameters of the projection layer only: see ``csdfd`` for the partitioned
@@ -94,7 +102,7 @@ def cgr(
   """
   if reduction not in ("sum", "mean"):
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-  scale = 1.0 if reduction == "sum" else 1.0 / num_streams
+  factor = 1.0 if reduction == "sum" else 1.0 / num_streams
 
   def init_fn(params):
     del params
@@ -106,15 +114,13 @@ def cgr(
     k = st.num_streams(updates)
     if k != num_streams:
       raise ValueError(
-          f"cgr(num_streams={num_streams}) got updates whose leading stream axis is "
-          f"{k}. Pass num_streams={k}, or stack exactly {num_streams} stream gradients."
+        f"cgr(num_streams={num_streams}) got updates whose leading stream axis is "
+        f"{k}. Pass num_streams={k}, or stack exactly {num_streams} stream gradients."
       )
-    total, corr, cosine = _split(updates, tau, eps)
-    norm_t, norm_c = st.tree_norm(total), st.tree_norm(corr)
+    total, corr, cosine, scale = _split(updates, tau, eps)
+    norm_t, norm_c = st.tree_norm(total, scale), st.tree_norm(corr, scale)
     ratio = jnp.where(norm_t > 0, norm_c / jnp.where(norm_t > 0, norm_t, 1.0), 0.0)
-    new = jax.tree.map(
-        lambda u, t, cr: ((t - cr) * scale).astype(u.dtype), updates, total, corr
-    )
+    new = jax.tree.map(lambda u, t, cr: ((t - cr) * factor).astype(u.dtype), updates, total, corr)
     return new, CGRState(ratio.astype(jnp.float32), cosine.astype(jnp.float32))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -123,17 +129,17 @@ def cgr(
 def cgr_diagnostics(stacked, tau: float = 0.01, eps: float = 1e-12) -> dict[str, jax.Array]:
   """The conflict view of the projection layer: pairwise cosines, L_phi (Eq. 18,
   summed over pairs), ||correction||, ||sum_j g_j|| and their ratio."""
-  total, corr, _ = _split(stacked, tau, eps)
-  gram = st.gram_matrix(stacked)
+  total, corr, _, scale = _split(stacked, tau, eps)
+  gram = st.gram_matrix(stacked, scale)
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
   cosine = gram / (jnp.outer(norms, norms) + eps)
   k = gram.shape[0]
   upper = np.triu(np.ones((k, k), bool), 1)
-  norm_t, norm_c = st.tree_norm(total), st.tree_norm(corr)
+  norm_t, norm_c = st.tree_norm(total, scale), st.tree_norm(corr, scale)
   return {
-      "cosine": cosine,
-      "conflict_loss": -jnp.sum(jnp.where(upper, cosine, 0.0)),
-      "norm_correction": norm_c,
-      "norm_sum": norm_t,
-      "correction_ratio": norm_c / jnp.maximum(norm_t, eps),
+    "cosine": cosine,
+    "conflict_loss": -jnp.sum(jnp.where(upper, cosine, 0.0)),
+    "norm_correction": norm_c * scale,
+    "norm_sum": norm_t * scale,
+    "correction_ratio": norm_c / jnp.maximum(norm_t, eps),
   }

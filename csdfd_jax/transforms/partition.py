@@ -34,8 +34,8 @@ def path_labels(tree: Any, is_projection: PathPredicate) -> Any:
   """Labels every leaf "cgr" when ``is_projection(path)`` holds, else "uvs"; a path
   is the tuple of dict keys / attribute names / indices leading to the leaf."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: "cgr" if is_projection(tuple(_key_name(k) for k in path)) else "uvs",
-      tree,
+    lambda path, _: "cgr" if is_projection(tuple(_key_name(k) for k in path)) else "uvs",
+    tree,
   )
 
 
@@ -47,14 +47,14 @@ def _predicate(projection: str | Sequence[str] | PathPredicate) -> PathPredicate
 
 
 def csdfd(
-    base: optax.GradientTransformation,
-    *,
-    projection: str | Sequence[str] | PathPredicate = "projection",
-    c: float = 0.5,
-    tau: float = 0.01,
-    num_streams: int = 2,
-    reduction: str = "sum",
-    **uvs_options: Any,
+  base: optax.GradientTransformation,
+  *,
+  projection: str | Sequence[str] | PathPredicate = "projection",
+  c: float = 0.5,
+  tau: float = 0.01,
+  num_streams: int = 2,
+  reduction: str = "sum",
+  **uvs_options: Any,
 ) -> optax.GradientTransformation:
   """UVS + CGR on stacked stream gradients, followed by ``base`` (Algorithm 1).
 
@@ -76,24 +76,24 @@ def csdfd(
     return path_labels(tree, is_projection)
 
   inner = optax.partition(
-      {
-          "uvs": uvs(c, num_streams=num_streams, reduction=reduction, **uvs_options),
-          "cgr": cgr(tau, num_streams=num_streams, reduction=reduction),
-      },
-      labels,
+    {
+      "uvs": uvs(c, num_streams=num_streams, reduction=reduction, **uvs_options),
+      "cgr": cgr(tau, num_streams=num_streams, reduction=reduction),
+    },
+    labels,
   )
   tx = optax.chain(inner, base)
 
   def init_fn(params):
     if "cgr" not in jax.tree.leaves(labels(params)):
       paths = [
-          "/".join(_key_name(k) for k in path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0][:8]
+        "/".join(_key_name(k) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0][:8]
       ]
       raise ValueError(
-          f"No parameter matches projection={projection!r}, so CGR would act on nothing. "
-          f"Some parameter paths: {paths}. Name the projection layer's key, or pass a "
-          "predicate on the path."
+        f"No parameter matches projection={projection!r}, so CGR would act on nothing. "
+        f"Some parameter paths: {paths}. Name the projection layer's key, or pass a "
+        "predicate on the path."
       )
     return tx.init(params)
 

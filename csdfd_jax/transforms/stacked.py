@@ -6,7 +6,9 @@ matrix of the streams, and linear combinations of the streams.
 
 Arithmetic is done in at least float32 (float64 stays float64), whatever the gradient
 dtype, and matrix products use ``Precision.HIGHEST`` so that GPUs do not silently drop
-to TF32 for the inner products the solvers depend on.
+to TF32 for the inner products the solvers depend on. Squares of gradients overflow
+float32 above ~1e19 and underflow below ~1e-19, so Gram matrices and norms take an
+optional ``scale`` (use ``max_abs``) and work on g / scale.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ def num_streams(stacked: PyTree) -> int:
   sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(stacked)}
   if None in sizes:
     raise ValueError(
-        "Stacked stream gradients need a leading stream axis K on every leaf; found a "
-        "scalar leaf. Stack the per-stream gradients with stack_streams(g_1, ..., g_K)."
+      "Stacked stream gradients need a leading stream axis K on every leaf; found a "
+      "scalar leaf. Stack the per-stream gradients with stack_streams(g_1, ..., g_K)."
     )
   if len(sizes) > 1:
     raise ValueError(
-        f"Leaves disagree on the stream axis: leading sizes {sorted(sizes)}. Every leaf "
-        "of a stacked tree must have the same leading size K."
+      f"Leaves disagree on the stream axis: leading sizes {sorted(sizes)}. Every leaf "
+      "of a stacked tree must have the same leading size K."
     )
   return sizes.pop() if sizes else 0
 
@@ -45,14 +47,35 @@ def stack_streams(*trees: PyTree) -> PyTree:
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-def gram_matrix(stacked: PyTree) -> jax.Array:
-  """G[i, j] = <g_i, g_j> summed over all leaves: one O(K * P) pass."""
+def _tree_dtype(leaves) -> jnp.dtype:
+  return compute_dtype(jnp.result_type(*leaves)) if leaves else jnp.dtype(jnp.float32)
+
+
+def _inverse(scale, dtype):
+  if scale is None:
+    return jnp.ones((), dtype)
+  scale = scale.astype(dtype)
+  return jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+
+
+def max_abs(tree: PyTree) -> jax.Array:
+  """The largest |entry| of a tree (0 for an empty tree), in at least float32."""
+  leaves = jax.tree.leaves(tree)
+  dtype = _tree_dtype(leaves)
+  if not leaves:
+    return jnp.zeros((), dtype)
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]))
+
+
+def gram_matrix(stacked: PyTree, scale: jax.Array | None = None) -> jax.Array:
+  """G[i, j] = <g_i / scale, g_j / scale> summed over all leaves: one O(K * P) pass."""
   leaves = jax.tree.leaves(stacked)
   k = num_streams(stacked)
-  dtype = compute_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
+  dtype = _tree_dtype(leaves)
+  inv = _inverse(scale, dtype)
   gram = jnp.zeros((k, k), dtype)
   for leaf in leaves:
-    flat = leaf.reshape(k, -1).astype(dtype)
+    flat = leaf.reshape(k, -1).astype(dtype) * inv
     gram = gram + jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)
   return gram
 
@@ -63,18 +86,19 @@ def combine(stacked: PyTree, coeffs: jax.Array) -> PyTree:
   def one(leaf):
     dtype = compute_dtype(leaf.dtype)
     out = jnp.tensordot(
-        coeffs.astype(dtype), leaf.astype(dtype), axes=1,
-        precision=jax.lax.Precision.HIGHEST,
+      coeffs.astype(dtype),
+      leaf.astype(dtype),
+      axes=1,
+      precision=jax.lax.Precision.HIGHEST,
     )
     return out.astype(leaf.dtype)
 
   return jax.tree.map(one, stacked)
 
 
-def tree_norm(tree: PyTree) -> jax.Array:
-  """Global L2 norm of a tree, accumulated in at least float32."""
+def tree_norm(tree: PyTree, scale: jax.Array | None = None) -> jax.Array:
+  """Global L2 norm of tree / scale, accumulated in at least float32."""
   leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  dtype = compute_dtype(jnp.result_type(*leaves))
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves))
+  dtype = _tree_dtype(leaves)
+  inv = _inverse(scale, dtype)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(dtype) * inv)) for x in leaves))

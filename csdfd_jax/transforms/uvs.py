@@ -50,7 +50,8 @@ RESCALES = ("none", "1/(1+c)", "1/(1+c^2)")
 class UVSState(NamedTuple):
   """weights: the last step's dual weights w ([K]; all zero when v = g0 was kept),
   used to warm-start the next solve. gram: the last step's Gram matrix ([K, K]), kept
-  so that ``uvs_diagnostics`` can be computed from the state for free."""
+  so that ``uvs_diagnostics`` can be computed from the state for free. The Gram is
+  of g / max|g| (scale-free: cosines, weights and coefficients do not depend on it)."""
 
   weights: jax.Array
   gram: jax.Array
@@ -77,9 +78,7 @@ def rescale_factor(c: float, rescale: str) -> float:
   """The official CAGrad code's optional final scaling of v."""
   if rescale not in RESCALES:
     raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
-  return {"none": 1.0, "1/(1+c)": 1.0 / (1.0 + c), "1/(1+c^2)": 1.0 / (1.0 + c * c)}[
-      rescale
-  ]
+  return {"none": 1.0, "1/(1+c)": 1.0 / (1.0 + c), "1/(1+c^2)": 1.0 / (1.0 + c * c)}[rescale]
 
 
 def project_simplex(x: jax.Array) -> jax.Array:
@@ -96,9 +95,9 @@ def project_simplex(x: jax.Array) -> jax.Array:
 def _face_masks(k: int) -> np.ndarray:
   """All non-empty supports S of the simplex in R^k, as 0/1 rows."""
   rows = [
-      [1.0 if i in s else 0.0 for i in range(k)]
-      for r in range(1, k + 1)
-      for s in itertools.combinations(range(k), r)
+    [1.0 if i in s else 0.0 for i in range(k)]
+    for r in range(1, k + 1)
+    for s in itertools.combinations(range(k), r)
   ]
   return np.asarray(rows)
 
@@ -161,13 +160,13 @@ def _primal(gh, a, big_c, ws, tiny):
 
 
 def solve_dual(
-    gram: jax.Array,
-    c: float,
-    reduction: str = "sum",
-    *,
-    num_iters: int = 100,
-    init_weights: jax.Array | None = None,
-    max_exact_streams: int = 8,
+  gram: jax.Array,
+  c: float,
+  reduction: str = "sum",
+  *,
+  num_iters: int = 100,
+  init_weights: jax.Array | None = None,
+  max_exact_streams: int = 8,
 ) -> UVSSolution:
   """Solves the UVS dual (Eq. 15) from the stream Gram matrix.
 
@@ -208,14 +207,14 @@ def solve_dual(
 
 
 def uvs(
-    c: float = 0.5,
-    *,
-    num_streams: int = 2,
-    reduction: str = "sum",
-    rescale: str = "none",
-    num_iters: int = 100,
-    warm_start: bool = True,
-    max_exact_streams: int = 8,
+  c: float = 0.5,
+  *,
+  num_streams: int = 2,
+  reduction: str = "sum",
+  rescale: str = "none",
+  num_iters: int = 100,
+  warm_start: bool = True,
+  max_exact_streams: int = 8,
 ) -> optax.GradientTransformation:
   """Update Vector Search as an optax transformation: stacked [K, ...] -> [...].
 
@@ -245,8 +244,8 @@ def uvs(
   def init_fn(params):
     del params
     return UVSState(
-        weights=jnp.zeros((num_streams,), jnp.float32),
-        gram=jnp.zeros((num_streams, num_streams), jnp.float32),
+      weights=jnp.zeros((num_streams,), jnp.float32),
+      gram=jnp.zeros((num_streams, num_streams), jnp.float32),
     )
 
   def update_fn(updates, state, params=None):
@@ -254,20 +253,24 @@ def uvs(
     k = st.num_streams(updates)
     if k != num_streams:
       raise ValueError(
-          f"uvs(num_streams={num_streams}) got updates whose leading stream axis is "
-          f"{k}. Pass num_streams={k}, or stack exactly {num_streams} stream gradients."
+        f"uvs(num_streams={num_streams}) got updates whose leading stream axis is "
+        f"{k}. Pass num_streams={k}, or stack exactly {num_streams} stream gradients."
       )
     g0 = st.combine(updates, jnp.asarray(a_np))
     if c == 0:
       return jax.tree.map(lambda x: x * factor, g0), state
-    gram = st.gram_matrix(updates)
+    scale = st.max_abs(updates)
+    gram = st.gram_matrix(updates, scale)
     sol = solve_dual(
-        gram, c, reduction, num_iters=num_iters,
-        init_weights=state.weights if warm_start else None,
-        max_exact_streams=max_exact_streams,
+      gram,
+      c,
+      reduction,
+      num_iters=num_iters,
+      init_weights=state.weights if warm_start else None,
+      max_exact_streams=max_exact_streams,
     )
     g_w = st.combine(updates, sol.weights)
-    norm_0, norm_w = st.tree_norm(g0), st.tree_norm(g_w)
+    norm_0, norm_w = st.tree_norm(g0, scale), st.tree_norm(g_w, scale)
     dtype = norm_w.dtype
     floor = jnp.sqrt(jnp.finfo(dtype).eps * jnp.max(jnp.diagonal(gram)).astype(dtype))
     ok = norm_w > floor
@@ -278,8 +281,8 @@ def uvs(
       return ((x0.astype(dt) + lam.astype(dt) * xw.astype(dt)) * factor).astype(x0.dtype)
 
     new_state = UVSState(
-        weights=jnp.where(ok, sol.weights, 0.0).astype(jnp.float32),
-        gram=gram.astype(jnp.float32),
+      weights=jnp.where(ok, sol.weights, 0.0).astype(jnp.float32),
+      gram=gram.astype(jnp.float32),
     )
     return jax.tree.map(mix, g0, g_w), new_state
 
@@ -287,11 +290,11 @@ def uvs(
 
 
 def uvs_diagnostics(
-    gram: jax.Array,
-    weights: jax.Array,
-    c: float = 0.5,
-    reduction: str = "sum",
-    rescale: str = "none",
+  gram: jax.Array,
+  weights: jax.Array,
+  c: float = 0.5,
+  reduction: str = "sum",
+  rescale: str = "none",
 ) -> dict[str, jax.Array]:
   """What the paper's Fig. 2 and 5 look at, from a Gram matrix and UVS weights.
 
@@ -313,12 +316,12 @@ def uvs_diagnostics(
   alpha = a + jnp.where(ok, c * norm_0 / jnp.sqrt(jnp.where(ok, q, 1.0)), 0.0) * weights
   alpha = alpha * rescale_factor(c, rescale)
   return {
-      "gram": gram,
-      "cosine": cosine,
-      "weights": weights,
-      "coeffs": alpha,
-      "rate_before": gram @ a,
-      "rate_after": gram @ alpha,
-      "norm_g0": norm_0,
-      "norm_v": jnp.sqrt(jnp.maximum(alpha @ gram @ alpha, 0.0)),
+    "gram": gram,
+    "cosine": cosine,
+    "weights": weights,
+    "coeffs": alpha,
+    "rate_before": gram @ a,
+    "rate_after": gram @ alpha,
+    "norm_g0": norm_0,
+    "norm_v": jnp.sqrt(jnp.maximum(alpha @ gram @ alpha, 0.0)),
   }
