@@ -206,6 +206,38 @@ def solve_dual(
   return UVSSolution(weights, coeffs, jnp.where(keep_g0, gram @ a, gram @ coeffs).min())
 
 
+def _safe_gram(updates):
+  """The Gram matrix in one pass; a second, rescaled pass (g / max|g|) only when
+  squares overflowed or fell below float precision (|g| beyond ~1e+-19 in float32)."""
+  gram = st.gram_matrix(updates)
+  info = jnp.finfo(gram.dtype)
+  usable = jnp.all(jnp.isfinite(gram)) & (jnp.max(jnp.diagonal(gram)) > info.tiny / info.eps)
+
+  def rescaled(_):
+    scale = st.max_abs(updates)
+    return st.gram_matrix(updates, scale), scale
+
+  return jax.lax.cond(usable, lambda _: (gram, jnp.ones((), gram.dtype)), rescaled, None)
+
+
+def _norms(updates, gram, scale, a, w):
+  """||g0|| and ||g_w|| (in units of scale): read off the Gram matrix unless
+  cancellation made that inaccurate (the norm is below a tenth of its triangle bound
+  sum_j w_j ||g_j||), in which case they are computed from the combined vectors."""
+  root = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+  q0, qw = a @ gram @ a, w @ gram @ w
+  accurate = (q0 >= 1e-2 * (a @ root) ** 2) & (qw >= 1e-2 * (w @ root) ** 2)
+
+  def from_gram(_):
+    return jnp.sqrt(jnp.maximum(q0, 0.0)), jnp.sqrt(jnp.maximum(qw, 0.0))
+
+  def from_vectors(_):
+    norm_0 = st.tree_norm(st.combine(updates, a), scale)
+    return norm_0.astype(gram.dtype), st.tree_norm(st.combine(updates, w), scale).astype(gram.dtype)
+
+  return jax.lax.cond(accurate, from_gram, from_vectors, None)
+
+
 def uvs(
   c: float = 0.5,
   *,
@@ -256,11 +288,10 @@ def uvs(
         f"uvs(num_streams={num_streams}) got updates whose leading stream axis is "
         f"{k}. Pass num_streams={k}, or stack exactly {num_streams} stream gradients."
       )
-    g0 = st.combine(updates, jnp.asarray(a_np))
+    a = jnp.asarray(a_np, jnp.float32)
     if c == 0:
-      return jax.tree.map(lambda x: x * factor, g0), state
-    scale = st.max_abs(updates)
-    gram = st.gram_matrix(updates, scale)
+      return st.combine(updates, a * factor), state
+    gram, scale = _safe_gram(updates)
     sol = solve_dual(
       gram,
       c,
@@ -269,22 +300,14 @@ def uvs(
       init_weights=state.weights if warm_start else None,
       max_exact_streams=max_exact_streams,
     )
-    g_w = st.combine(updates, sol.weights)
-    norm_0, norm_w = st.tree_norm(g0, scale), st.tree_norm(g_w, scale)
-    dtype = norm_w.dtype
-    floor = jnp.sqrt(jnp.finfo(dtype).eps * jnp.max(jnp.diagonal(gram)).astype(dtype))
+    a = a.astype(gram.dtype)
+    norm_0, norm_w = _norms(updates, gram, scale, a, sol.weights)
+    floor = jnp.sqrt(jnp.finfo(gram.dtype).eps * jnp.max(jnp.diagonal(gram)))
     ok = norm_w > floor
     lam = jnp.where(ok, c * norm_0 / jnp.where(ok, norm_w, 1.0), 0.0)
-
-    def mix(x0, xw):
-      dt = st.compute_dtype(x0.dtype)
-      return ((x0.astype(dt) + lam.astype(dt) * xw.astype(dt)) * factor).astype(x0.dtype)
-
-    new_state = UVSState(
-      weights=jnp.where(ok, sol.weights, 0.0).astype(jnp.float32),
-      gram=gram.astype(jnp.float32),
-    )
-    return jax.tree.map(mix, g0, g_w), new_state
+    weights = jnp.where(ok, sol.weights, 0.0)
+    new_state = UVSState(weights.astype(jnp.float32), gram.astype(jnp.float32))
+    return st.combine(updates, (a + lam * weights) * factor), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
