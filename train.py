@@ -1,0 +1,14 @@
+"""Entry point for training (`python train.py --config=configs/effnet.py`).
+
+Training is not implemented yet: this release ships the UVS/CGR optimizer transforms
+(csdfd_jax.transforms). This script says so and exits non-zero rather than pretend.
+"""
+
+import sys
+
+if __name__ == "__main__":
+  sys.exit(
+    "train.py: training is not implemented yet. This release provides the UVS/CGR optax "
+    "transformations (csdfd_jax.transforms); see README.md, section Status. "
+    "Runnable today: python -m examples.two_objectives"
+  )
