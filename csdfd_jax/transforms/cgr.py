@@ -45,21 +45,23 @@ class CGRState(NamedTuple):
 def _pair_gammas(gram, tau, eps):
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
   pairs = list(itertools.combinations(range(gram.shape[0]), 2))
-  gammas = [tau / (norms[i] * norms[j] + eps) for i, j in pairs]
-  cosines = [gram[i, j] / (norms[i] * norms[j] + eps) for i, j in pairs]
-  mean_cos = jnp.mean(jnp.stack(cosines)) if pairs else jnp.zeros((), gram.dtype)
-  return pairs, gammas, mean_cos
+  return pairs, [tau / (norms[i] * norms[j] + eps) for i, j in pairs]
+
+
+def _cosines(gram, eps):
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+  return gram / (jnp.outer(norms, norms) + eps)
 
 
 def _split(stacked, tau, eps):
-  """(sum_j g_j, correction, mean cosine, scale) with update = sum - correction.
+  """(sum_j g_j, correction, gram, scale) with update = sum - correction.
 
   Works on x = g / max|g| so that the cubic products cannot overflow or underflow:
   gamma g_i g_j (g_i + g_j) = scale * tau x_i x_j (x_i + x_j) / (|x_i| |x_j|), Eq. 24.
   """
   scale = st.max_abs(stacked)
   gram = st.gram_matrix(stacked, scale)
-  pairs, gammas, mean_cos = _pair_gammas(gram, tau, eps)
+  pairs, gammas = _pair_gammas(gram, tau, eps)
   inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
 
   def one(leaf):
@@ -74,7 +76,7 @@ def _split(stacked, tau, eps):
   out = jax.tree.map(one, stacked)
   total = jax.tree.map(lambda _, o: o[0], stacked, out)
   corr = jax.tree.map(lambda _, o: o[1], stacked, out)
-  return total, corr, mean_cos, scale
+  return total, corr, gram, scale
 
 
 def cgr(
@@ -117,7 +119,9 @@ def cgr(
         f"cgr(num_streams={num_streams}) got updates whose leading stream axis is "
         f"{k}. Pass num_streams={k}, or stack exactly {num_streams} stream gradients."
       )
-    total, corr, cosine, scale = _split(updates, tau, eps)
+    total, corr, gram, scale = _split(updates, tau, eps)
+    upper = np.triu(np.ones((k, k), bool), 1)
+    cosine = jnp.mean(_cosines(gram, eps)[upper]) if k > 1 else jnp.zeros((), gram.dtype)
     norm_t, norm_c = st.tree_norm(total, scale), st.tree_norm(corr, scale)
     ratio = jnp.where(norm_t > 0, norm_c / jnp.where(norm_t > 0, norm_t, 1.0), 0.0)
     new = jax.tree.map(lambda u, t, cr: ((t - cr) * factor).astype(u.dtype), updates, total, corr)
@@ -129,10 +133,8 @@ def cgr(
 def cgr_diagnostics(stacked, tau: float = 0.01, eps: float = 1e-12) -> dict[str, jax.Array]:
   """The conflict view of the projection layer: pairwise cosines, L_phi (Eq. 18,
   summed over pairs), ||correction||, ||sum_j g_j|| and their ratio."""
-  total, corr, _, scale = _split(stacked, tau, eps)
-  gram = st.gram_matrix(stacked, scale)
-  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
-  cosine = gram / (jnp.outer(norms, norms) + eps)
+  total, corr, gram, scale = _split(stacked, tau, eps)
+  cosine = _cosines(gram, eps)
   k = gram.shape[0]
   upper = np.triu(np.ones((k, k), bool), 1)
   norm_t, norm_c = st.tree_norm(total, scale), st.tree_norm(corr, scale)

@@ -80,8 +80,9 @@ def gram_matrix(stacked: PyTree, scale: jax.Array | None = None) -> jax.Array:
   return gram
 
 
-def combine(stacked: PyTree, coeffs: jax.Array) -> PyTree:
-  """sum_j coeffs[j] * g_j, leaf by leaf, returned in each leaf's own dtype."""
+def combine(stacked: PyTree, coeffs: jax.Array, *, keep_dtype: bool = True) -> PyTree:
+  """sum_j coeffs[j] * g_j, leaf by leaf, computed in at least float32 and returned in
+  each leaf's own dtype (or in the compute dtype with ``keep_dtype=False``)."""
 
   def one(leaf):
     dtype = compute_dtype(leaf.dtype)
@@ -91,7 +92,7 @@ def combine(stacked: PyTree, coeffs: jax.Array) -> PyTree:
       axes=1,
       precision=jax.lax.Precision.HIGHEST,
     )
-    return out.astype(leaf.dtype)
+    return out.astype(leaf.dtype) if keep_dtype else out
 
   return jax.tree.map(one, stacked)
 

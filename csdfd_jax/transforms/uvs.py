@@ -232,8 +232,8 @@ def _norms(updates, gram, scale, a, w):
     return jnp.sqrt(jnp.maximum(q0, 0.0)), jnp.sqrt(jnp.maximum(qw, 0.0))
 
   def from_vectors(_):
-    norm_0 = st.tree_norm(st.combine(updates, a), scale)
-    return norm_0.astype(gram.dtype), st.tree_norm(st.combine(updates, w), scale).astype(gram.dtype)
+    norms = [st.tree_norm(st.combine(updates, x, keep_dtype=False), scale) for x in (a, w)]
+    return tuple(n.astype(gram.dtype) for n in norms)
 
   return jax.lax.cond(accurate, from_gram, from_vectors, None)
 
