@@ -86,3 +86,14 @@ def test_train_step_jits_once_and_lowers_both_stream_losses():
   end = losses(params)
   assert step._cache_size() == 1
   assert np.all(np.asarray(end) < np.asarray(start)), (start, end)
+
+
+def test_projection_holding_every_parameter_leaves_uvs_partition_empty():
+  params = {"projection": {"w": jnp.ones((3, 2))}}
+  grads = stack_streams(
+    {"projection": {"w": jnp.ones((3, 2))}}, {"projection": {"w": -jnp.ones((3, 2)) / 2}}
+  )
+  tx = csdfd(optax.identity())
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expected, _ = cgr().update(grads, cgr().init(None))
+  np.testing.assert_allclose(updates["projection"]["w"], expected["projection"]["w"])

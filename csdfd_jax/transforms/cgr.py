@@ -112,7 +112,9 @@ def cgr(
     return CGRState(correction_ratio=zero, cosine=zero)
 
   def update_fn(updates, state, params=None):
-    del params, state
+    del params
+    if not jax.tree.leaves(updates):  # e.g. an empty partition of optax.partition
+      return updates, state
     k = st.num_streams(updates)
     if k != num_streams:
       raise ValueError(

@@ -51,7 +51,8 @@ class UVSState(NamedTuple):
   """weights: the last step's dual weights w ([K]; all zero when v = g0 was kept),
   used to warm-start the next solve. gram: the last step's Gram matrix ([K, K]), kept
   so that ``uvs_diagnostics`` can be computed from the state for free. The Gram is
-  of g / max|g| (scale-free: cosines, weights and coefficients do not depend on it)."""
+  divided by max_j ||g_j||^2 (scale-free: cosines, weights and coefficients do not
+  depend on the scale, and the stored matrix cannot overflow)."""
 
   weights: jax.Array
   gram: jax.Array
@@ -282,6 +283,8 @@ def uvs(
 
   def update_fn(updates, state, params=None):
     del params
+    if not jax.tree.leaves(updates):  # e.g. an empty partition of optax.partition
+      return updates, state
     k = st.num_streams(updates)
     if k != num_streams:
       raise ValueError(
@@ -306,7 +309,9 @@ def uvs(
     ok = norm_w > floor
     lam = jnp.where(ok, c * norm_0 / jnp.where(ok, norm_w, 1.0), 0.0)
     weights = jnp.where(ok, sol.weights, 0.0)
-    new_state = UVSState(weights.astype(jnp.float32), gram.astype(jnp.float32))
+    top = jnp.max(jnp.diagonal(gram))
+    unit_gram = gram / jnp.where(top > 0, top, 1.0)
+    new_state = UVSState(weights.astype(jnp.float32), unit_gram.astype(jnp.float32))
     return st.combine(updates, (a + lam * weights) * factor), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
