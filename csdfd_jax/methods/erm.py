@@ -1,0 +1,34 @@
+"""Empirical risk minimisation on one or both streams (paper Eq. 1-3).
+
+``O`` trains on real + original fakes, ``S`` on real + self-blended fakes, ``O+S`` on both
+with the summed loss L1 + L2 of Eq. 3 — the '1+1<2' baseline whose stream gradients
+conflict (Eq. 4-5).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from csdfd_jax.methods import Method
+
+STREAMS = {"O": ("o",), "S": ("s",), "O+S": ("o", "s")}
+
+
+def sum_streams(reduction: str = "sum") -> optax.GradientTransformation:
+  """Stacked [K, ...] updates -> their sum (the gradient of Eq. 3) or mean over streams."""
+  if reduction not in ("sum", "mean"):
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+  reduce = jnp.sum if reduction == "sum" else jnp.mean
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u: reduce(u, axis=0), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def build(name: str, config) -> Method:
+  del config
+  return Method(name, STREAMS[name], sum_streams())

@@ -1,0 +1,96 @@
+"""Detection metrics (scikit-learn underneath) and frame -> video aggregation.
+
+Conventions (DeepfakeBench's, made explicit): label 1 = fake, score = fake probability.
+A frame's score is the max over its faces (one manipulated face makes a frame fake); a
+video's score is the mean over its frames. Video ids are always passed explicitly, never
+inferred from file names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+
+def equal_error_rate(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+  """(EER, threshold): the operating point where FPR = FNR, linearly interpolated
+  between the two ROC points that bracket the crossing of FNR - FPR."""
+  fpr, tpr, thresholds = roc_curve(labels, scores)
+  fnr = 1.0 - tpr
+  diff = fnr - fpr  # decreasing from 1 to <= 0 along the curve
+  i = int(np.argmax(diff <= 0))
+  if i == 0 or diff[i] == 0:
+    return float(fpr[i]), float(thresholds[i])
+  t = diff[i - 1] / (diff[i - 1] - diff[i])
+  eer = fpr[i - 1] + t * (fpr[i] - fpr[i - 1])
+  lo, hi = thresholds[i - 1], thresholds[i]
+  threshold = lo + t * (hi - lo) if np.isfinite(lo) else hi
+  return float(eer), float(threshold)
+
+
+def binary_metrics(labels: Sequence[int], scores: Sequence[float]) -> dict[str, float]:
+  """AUC, AP, EER, accuracy at 0.5 and at the EER threshold; NaN where a metric needs
+  both classes and only one is present."""
+  labels = np.asarray(labels, np.int64)
+  scores = np.asarray(scores, np.float64)
+  if labels.shape != scores.shape or labels.ndim != 1:
+    raise ValueError(f"labels {labels.shape} and scores {scores.shape} must be equal 1-D")
+  if not np.all(np.isfinite(scores)):
+    raise ValueError(f"{int(np.sum(~np.isfinite(scores)))} non-finite scores")
+  out = {"n": float(labels.size), "n_fake": float(labels.sum())}
+  out["acc@0.5"] = float(np.mean((scores >= 0.5) == (labels == 1))) if labels.size else np.nan
+  if labels.size == 0 or labels.min() == labels.max():
+    return out | {"auc": np.nan, "ap": np.nan, "eer": np.nan, "acc@eer": np.nan}
+  eer, threshold = equal_error_rate(labels, scores)
+  out["auc"] = float(roc_auc_score(labels, scores))
+  out["ap"] = float(average_precision_score(labels, scores))
+  out["eer"] = eer
+  out["acc@eer"] = float(np.mean((scores >= threshold) == (labels == 1)))
+  return out
+
+
+def aggregate_videos(
+  media_ids: Sequence[str],
+  frame_indices: Sequence[int],
+  labels: Sequence[int],
+  scores: Sequence[float],
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """Face scores -> (video ids, video labels, video scores): max over the faces of a
+  frame, then mean over the frames of a video. A video whose faces disagree on the
+  label is an error (the index is inconsistent)."""
+  frames: dict[tuple[str, int], float] = {}
+  video_label: dict[str, int] = {}
+  for mid, fi, y, s in zip(media_ids, frame_indices, labels, scores, strict=True):
+    mid, y = str(mid), int(y)
+    if video_label.setdefault(mid, y) != y:
+      raise ValueError(f"media {mid!r} has faces labelled both {video_label[mid]} and {y}")
+    key = (mid, int(fi))
+    frames[key] = max(frames.get(key, -np.inf), float(s))
+  per_video: dict[str, list[float]] = {}
+  for (mid, _), s in frames.items():
+    per_video.setdefault(mid, []).append(s)
+  ids = sorted(per_video)
+  return (
+    ids,
+    np.array([video_label[i] for i in ids], np.int64),
+    np.array([np.mean(per_video[i]) for i in ids], np.float64),
+  )
+
+
+def bootstrap_auc(
+  labels: np.ndarray, scores: np.ndarray, *, samples: int = 1000, seed: int = 0, level=0.95
+) -> tuple[float, float]:
+  """Percentile bootstrap confidence interval of the AUC (resampling items)."""
+  labels, scores = np.asarray(labels), np.asarray(scores)
+  rng = np.random.default_rng(seed)
+  aucs = []
+  for _ in range(samples):
+    idx = rng.integers(0, labels.size, labels.size)
+    if labels[idx].min() != labels[idx].max():
+      aucs.append(roc_auc_score(labels[idx], scores[idx]))
+  if not aucs:
+    return np.nan, np.nan
+  alpha = (1 - level) / 2
+  return float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1 - alpha))
