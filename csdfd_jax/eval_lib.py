@@ -1,0 +1,286 @@
+"""Scoring trained runs on test sets, the papers' tables, and plots.
+
+``evaluate(workdirs, test_sets, out_dir)`` scores every run (a ``train.py`` workdir) on
+every test set, face- and video-level (a frame's score is the max over its faces, a video's
+the mean over its frames, at most ``frames_per_video`` frames spaced uniformly over those
+available), and writes ``results.{md,csv,tex,json}``: one row per run with the video AUC per
+dataset and the average over the target domains (paper Table I; several runs side by side
+give Tables II/III), plus ROC curves and, from each run's ``metrics.jsonl``, the per-stream
+loss and stream-cosine curves (the paper's Fig. 2/5 conflict view).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from csdfd_jax import metrics, train_lib
+from csdfd_jax.methods.step import make_predict_fn
+
+
+@dataclass(frozen=True)
+class TestSet:
+  name: str
+  records: str
+  split: str = "test"
+  datasets: tuple[str, ...] | None = None  # restrict to these `dataset` fields of the records
+
+
+def parse_test_sets(spec: str) -> list[TestSet]:
+  """``"name=records_dir[:split][@dataset+dataset],..."`` -> TestSets (first = source)."""
+  out = []
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    if "=" not in item:
+      raise ValueError(f"test set {item!r}: expected name=records_dir[:split][@datasets]")
+    name, rest = item.split("=", 1)
+    rest, _, ds = rest.partition("@")
+    records, _, split = rest.partition(":")
+    out.append(TestSet(name, records, split or "test", tuple(ds.split("+")) if ds else None))
+  return out
+
+
+def default_test_sets(config: ml_collections.ConfigDict, workdir: str) -> list[TestSet]:
+  """The config's test sets; for the demo, its source and unseen-manipulation test splits."""
+  if config.eval.test_sets:
+    return parse_test_sets(config.eval.test_sets)
+  if config.data.demo:
+    records = os.path.join(workdir, "demo_records")
+    return [
+      TestSet("demo", records, "test", ("demo",)),
+      TestSet("demo_unseen", records, "test", ("demo_unseen",)),
+    ]
+  raise ValueError("no test sets: set --config.eval.test_sets=name=records_dir[:split],...")
+
+
+def load_run(workdir: str, which: str = "best"):
+  """(config, model, variables, step) of a train.py workdir; ``which`` is "best", "last"
+  or a step number."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir} is not a train.py workdir (no config.json)")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  sub = "best" if which == "best" else "checkpoints"
+  mngr = ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, sub)), item_names=("state", "data")
+  )
+  steps = mngr.all_steps()
+  if not steps:
+    if which == "best":
+      return load_run(workdir, "last")
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, sub)}")
+  step = max(steps) if which in ("best", "last") else int(which)
+  if step not in steps:
+    raise FileNotFoundError(f"step {step} not in {sub}: available {sorted(steps)}")
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  model = train_lib.build_model(config)
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  return config, model, variables, step
+
+
+def subsample_frames(scored: dict, frames_per_video: int) -> dict:
+  """Keeps at most ``frames_per_video`` frames per video, spaced uniformly over the
+  frames present (not the first N: DeepfakeBench's known bias)."""
+  keep = np.zeros(len(scored["label"]), bool)
+  by_video: dict[str, list[int]] = {}
+  for mid, fi in zip(scored["media_id"], scored["frame_index"], strict=True):
+    by_video.setdefault(str(mid), []).append(int(fi))
+  chosen = {}
+  for mid, frames in by_video.items():
+    uniq = sorted(set(frames))
+    if len(uniq) > frames_per_video:
+      idx = np.linspace(0, len(uniq) - 1, frames_per_video).round().astype(int)
+      uniq = [uniq[i] for i in idx]
+    chosen[mid] = set(uniq)
+  for i, (mid, fi) in enumerate(zip(scored["media_id"], scored["frame_index"], strict=True)):
+    keep[i] = int(fi) in chosen[str(mid)]
+  return {k: v[keep] for k, v in scored.items()}
+
+
+def score_run(workdir, test_sets, *, which="best", frames_per_video=32, batch_size=None):
+  config, model, variables, step = load_run(workdir, which)
+  if batch_size:
+    config.train.eval_batch_size = batch_size
+  devices = jax.devices()
+  mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(AxisType.Auto,))
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  predict = jax.jit(make_predict_fn(model))
+  results = {}
+  for ts in test_sets:
+    scored = train_lib.score_split(
+      predict, variables, ts.records, ts.split, config, mesh, ts.datasets
+    )
+    scored = subsample_frames(scored, frames_per_video)
+    frame = metrics.binary_metrics(scored["label"], scored["score"])
+    ids, vl, vs = metrics.aggregate_videos(
+      scored["media_id"], scored["frame_index"], scored["label"], scored["score"]
+    )
+    video = metrics.binary_metrics(vl, vs)
+    video["auc_ci95"] = metrics.bootstrap_auc(vl, vs)
+    results[ts.name] = {
+      "frame": frame,
+      "video": video,
+      "data": {
+        "records": ts.records,
+        "split": ts.split,
+        "datasets": ts.datasets,
+        "faces": int(len(scored["label"])),
+        "videos": len(ids),
+      },
+      "roc": _roc(vl, vs),
+    }
+  return {
+    "workdir": workdir,
+    "method": config.method,
+    "step": step,
+    "which": which,
+    "sets": results,
+  }
+
+
+def _roc(labels, scores):
+  from sklearn.metrics import roc_curve
+
+  if len(set(np.asarray(labels).tolist())) < 2:
+    return None
+  fpr, tpr, _ = roc_curve(labels, scores)
+  return {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+
+def table_rows(runs: list[dict], names: list[str]) -> tuple[list[str], list[list[str]]]:
+  """Header + rows of the Table I shape: video AUC (%) per set, then the target average."""
+  header = ["run", "method", "step", *names, "avg (targets)"]
+  rows = []
+  for r in runs:
+    aucs = [r["sets"][n]["video"]["auc"] * 100 for n in names]
+    targets = [a for a in aucs[1:] if np.isfinite(a)]
+    avg = float(np.mean(targets)) if targets else float("nan")
+    rows.append(
+      [
+        os.path.basename(os.path.normpath(r["workdir"])),
+        r["method"],
+        str(r["step"]),
+        *[f"{a:.2f}" for a in aucs],
+        f"{avg:.2f}",
+      ]
+    )
+  return header, rows
+
+
+def write_tables(runs: list[dict], names: list[str], out_dir: str) -> dict[str, str]:
+  os.makedirs(out_dir, exist_ok=True)
+  header, rows = table_rows(runs, names)
+  paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("md", "csv", "tex", "json")}
+  with open(paths["md"], "w") as f:
+    f.write("| " + " | ".join(header) + " |\n|" + " --- |" * len(header) + "\n")
+    f.writelines("| " + " | ".join(r) + " |\n" for r in rows)
+  with open(paths["csv"], "w", newline="") as f:
+    csv.writer(f).writerows([header, *rows])
+  with open(paths["tex"], "w") as f:
+    f.write("\\begin{tabular}{" + "l" * 3 + "r" * (len(header) - 3) + "}\n\\hline\n")
+    f.write(" & ".join(h.replace("_", "\\_") for h in header) + " \\\\\n\\hline\n")
+    f.writelines(" & ".join(c.replace("_", "\\_") for c in r) + " \\\\\n" for r in rows)
+    f.write("\\hline\n\\end{tabular}\n")
+  with open(paths["json"], "w") as f:
+    json.dump({"test_sets": names, "source": names[0], "runs": runs}, f, indent=1, default=_json)
+  return paths
+
+
+def _json(x: Any):
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, tuple):
+    return list(x)
+  raise TypeError(type(x))
+
+
+def plot_roc(runs: list[dict], names: list[str], out_dir: str) -> list[str]:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  paths = []
+  for n in names:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for r in runs:
+      roc = r["sets"][n]["roc"]
+      if roc:
+        auc = r["sets"][n]["video"]["auc"]
+        ax.plot(roc["fpr"], roc["tpr"], label=f"{r['method']} ({auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{n}: video ROC")
+    ax.legend(loc="lower right", fontsize=8)
+    path = os.path.join(out_dir, f"roc_{n}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def plot_training_curves(workdirs: list[str], out_dir: str) -> list[str]:
+  """Per-stream losses and the stream cosine over training (paper Fig. 2a / Fig. 5)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  logs = {}
+  for w in workdirs:
+    path = os.path.join(w, "metrics.jsonl")
+    if os.path.isfile(path):
+      with open(path) as f:
+        logs[w] = [json.loads(line) for line in f if '"loss/total"' in line]
+  if not logs:
+    return []
+  out = []
+  for key, title, fname in (
+    (("loss/o", "loss/s"), "per-stream training loss", "loss_curves.png"),
+    (("stream_cosine",), "cosine between stream gradients", "stream_cosine.png"),
+  ):
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for w, rows in logs.items():
+      name = os.path.basename(os.path.normpath(w))
+      for k in key:
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        if pts:
+          ax.plot(*zip(*pts, strict=True), label=f"{name} {k}")
+    ax.set(xlabel="step", title=title)
+    if key == ("stream_cosine",):
+      ax.axhline(0, color="k", lw=0.6)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, fname)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    out.append(path)
+  return out
+
+
+def evaluate(workdirs, test_sets, out_dir, *, which="best", frames_per_video=32, batch_size=None):
+  runs = [
+    score_run(w, test_sets, which=which, frames_per_video=frames_per_video, batch_size=batch_size)
+    for w in workdirs
+  ]
+  names = [t.name for t in test_sets]
+  paths = write_tables(runs, names, out_dir)
+  paths["plots"] = plot_roc(runs, names, out_dir) + plot_training_curves(workdirs, out_dir)
+  return runs, paths
+
+
+def format_table(runs: list[dict], names: list[str]) -> str:
+  header, rows = table_rows(runs, names)
+  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+  line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+  return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])

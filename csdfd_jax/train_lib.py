@@ -1,0 +1,411 @@
+"""``train_and_evaluate(config, workdir)``: wiring, the loop, checkpoints and logs.
+
+One run = one ``workdir``: ``checkpoints/`` (orbax, the last ``keep_checkpoints`` steps:
+train state + data-iterator state), ``best/`` (the state with the best validation AUC,
+selected on the validation split — never on a test set), ``tensorboard/``, ``metrics.jsonl``
+(every logged scalar; eval.py plots the paper's Fig. 2/5 from it), ``config.json`` and
+``summary.json``. Starting again with the same ``workdir`` resumes from the last checkpoint,
+data iterator included, and ends bitwise where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from csdfd_jax import methods, metrics, models
+from csdfd_jax.data import pipeline
+from csdfd_jax.methods.step import TrainState, create_train_state, make_predict_fn, make_train_step
+from csdfd_jax.models.heads import Detector
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (a non-finite loss, an inconsistent config or workdir)."""
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Cross-field checks that a locked ConfigDict cannot express."""
+  if config.method not in methods.METHODS:
+    raise ValueError(f"config.method={config.method!r}; valid: {', '.join(methods.METHODS)}")
+  if config.method in ("cgr", "csdfd") and not config.model.projection_dims:
+    raise ValueError(
+      f"method {config.method!r} puts CGR on the projection layer phi, but "
+      "config.model.projection_dims is empty; set e.g. --config.model.projection_dims=512"
+    )
+  if not config.data.demo and not config.data.records:
+    raise ValueError(
+      "no training data: set --config.data.records=DIR (ArrayRecords written by "
+      "`python -m csdfd_jax.data.builder`) or use the demo variant (configs/effnet.py:demo)"
+    )
+  if config.data.batch_size % 2:
+    raise ValueError(
+      f"data.batch_size={config.data.batch_size} must be even (half real, half fake)"
+    )
+
+
+def build_model(config: ml_collections.ConfigDict) -> Detector:
+  """The detector of ``config.model``, normalising with its weight source's mean/std."""
+  family = models.family(config.model.name)
+  dtype = jnp.dtype(config.model.dtype)
+  backbone = family.create(config.model.variant, num_classes=0, dtype=dtype)
+  prep = family.preprocessing(config.model.variant)
+  if config.model.init:
+    from csdfd_jax.models import weights
+
+    prep = weights.load_preprocessing(config.model.init) or prep
+  return Detector(
+    backbone=backbone,
+    mean=tuple(prep["mean"]),
+    std=tuple(prep["std"]),
+    projection_dims=tuple(config.model.projection_dims),
+    dropout=config.model.dropout,
+    dtype=dtype,
+  )
+
+
+def init_variables(model: Detector, config: ml_collections.ConfigDict, rng) -> dict:
+  size = config.data.image_size
+  variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.uint8), train=False)
+  variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+  if config.model.init:
+    from csdfd_jax.models import weights
+
+    loaded = weights.load_variables(config.model.init)
+    for collection, tree in loaded.items():
+      if collection not in variables:
+        raise TrainingError(f"{config.model.init}: collection {collection!r} not in the model")
+      weights.check_tree_matches(
+        variables[collection]["backbone"], tree, f"{config.model.init} [{collection}]"
+      )
+      variables[collection] = dict(variables[collection]) | {"backbone": tree}
+    logging.info("backbone initialised from %s", config.model.init)
+  else:
+    logging.warning("config.model.init is empty: the backbone starts from random weights")
+  return variables
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up, constant, then linear decay to 0 from ``decay_start`` of training."""
+  o, n = config.optim, config.train.num_steps
+  decay_at = max(int(o.decay_start * n), o.warmup_steps)
+  return optax.join_schedules(
+    [
+      optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)),
+      optax.constant_schedule(o.learning_rate),
+      optax.linear_schedule(o.learning_rate, 0.0, max(n - decay_at, 1)),
+    ],
+    [max(o.warmup_steps, 1), decay_at],
+  )
+
+
+def base_optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule):
+  o = config.optim
+  if o.name == "sgd":
+    tx = optax.sgd(lr, momentum=o.momentum or None)
+    return optax.chain(optax.add_decayed_weights(o.weight_decay), tx) if o.weight_decay else tx
+  if o.name == "adam":
+    return optax.adam(lr)
+  if o.name == "adamw":
+    return optax.adamw(lr, weight_decay=o.weight_decay)
+  raise ValueError(f"config.optim.name={o.name!r}; valid: sgd, adam, adamw")
+
+
+def demo_records(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """Generates the procedural demo faces and their ArrayRecords once per workdir."""
+  from csdfd_jax.data import builder, demo
+
+  store = os.path.join(workdir, "demo_store")
+  records = os.path.join(workdir, "demo_records")
+  if not os.path.exists(os.path.join(records, "DONE")):
+    if not os.path.exists(os.path.join(store, "index.jsonl")):
+      demo.make_demo_store(store, seed=config.seed)
+    builder.build_records(store, records)
+    with open(os.path.join(records, "DONE"), "w") as f:
+      f.write("ok\n")
+  return records
+
+
+def records_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return demo_records(workdir, config) if config.data.demo else config.data.records
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def score_split(predict, variables, records: str, split: str, config, mesh, datasets=None):
+  """Runs ``predict`` over every face of ``split``; returns face-level arrays."""
+  sharding = NamedSharding(mesh, P("data"))
+  out = {"media_id": [], "frame_index": [], "label": [], "score": []}
+  for batch in pipeline.eval_iterator(
+    records,
+    split,
+    batch_size=config.train.eval_batch_size,
+    image_size=config.data.image_size,
+    datasets=datasets,
+  ):
+    images = jax.make_array_from_process_local_data(sharding, batch["image"])
+    scores = np.asarray(jax.device_get(predict(variables, images)))
+    valid = np.asarray(batch["valid"], bool)
+    out["media_id"].extend(np.asarray(batch["media_id"])[valid].tolist())
+    out["frame_index"].extend(np.asarray(batch["frame_index"])[valid].tolist())
+    out["label"].extend(np.asarray(batch["label"])[valid].tolist())
+    out["score"].extend(scores[valid].tolist())
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def face_and_video_auc(scored: dict) -> dict[str, float]:
+  face = metrics.binary_metrics(scored["label"], scored["score"])
+  _, vl, vs = metrics.aggregate_videos(
+    scored["media_id"], scored["frame_index"], scored["label"], scored["score"]
+  )
+  video = metrics.binary_metrics(vl, vs)
+  return {"frame_auc": face["auc"], "video_auc": video["auc"], "n_faces": face["n"]}
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(path: str, keep: int, best: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep,
+    create=True,
+    best_fn=(lambda m: m["val_auc"]) if best else None,
+    best_mode="max",
+    keep_checkpoints_without_metrics=not best,
+  )
+  return ocp.CheckpointManager(os.path.abspath(path), options=options, item_names=("state", "data"))
+
+
+def _save(mngr, step: int, state: TrainState, data_state, metrics_=None) -> None:
+  args = ocp.args.Composite(
+    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})
+  )
+  mngr.save(step, args=args, metrics=metrics_)
+
+
+def restore_state(mngr, step: int, abstract_state: TrainState):
+  restored = mngr.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+    ),
+  )
+  return restored["state"], restored["data"]
+
+
+# ---------------------------------------------------------------------------- loop
+
+
+class _Logger:
+  """TensorBoard scalars + metrics.jsonl (the latter is what eval.py plots)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
+    self._tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        logging.warning("tensorboardX not installed: TensorBoard logs disabled")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def _device_batch(batch: dict, streams, sharding) -> dict:
+  return {
+    s: {
+      "image": jax.make_array_from_process_local_data(sharding, batch[s]["image"]),
+      "label": jax.make_array_from_process_local_data(sharding, batch[s]["label"]),
+    }
+    for s in streams
+  }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config.method`` for ``config.train.num_steps`` steps in ``workdir``
+  (resuming if it holds checkpoints) and returns the run summary."""
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  devices = jax.devices()
+  mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(AxisType.Auto,))
+  if config.data.batch_size % len(devices):
+    raise ValueError(
+      f"data.batch_size={config.data.batch_size} is not divisible by the {len(devices)} devices"
+    )
+  data_sharding = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+
+  method = methods.get(config.method, config)
+  model = build_model(config)
+  lr = learning_rate_schedule(config)
+  tx = optax.chain(method.transform, base_optimizer(config, lr))
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  variables = init_variables(model, config, init_rng)
+  state = create_train_state(variables, tx, state_rng)
+  # Fresh buffers per leaf: optimizer states may alias arrays, and the step donates them.
+  state = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), state), replicated)
+
+  records = records_dir(config, workdir)
+  local_batch = config.data.batch_size // jax.process_count()
+  iterator = pipeline.train_iterator(
+    records,
+    streams=method.streams,
+    batch_size=local_batch,
+    image_size=config.data.image_size,
+    seed=config.seed,
+    worker_count=config.data.workers,
+    shard_index=jax.process_index(),
+    shard_count=jax.process_count(),
+  )
+
+  ckpt = checkpoint_manager(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+  best = checkpoint_manager(os.path.join(workdir, "best"), 1, best=True)
+  start = ckpt.latest_step()
+  if start is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    state, data_state = restore_state(ckpt, start, abstract)
+    state = jax.device_put(state, replicated)
+    if data_state:
+      iterator.set_state(data_state)
+    logging.info("resumed from step %d in %s", start, workdir)
+  start = int(start or 0)
+
+  step_fn = jax.jit(
+    make_train_step(model, tx, method.streams, lr),
+    in_shardings=(replicated, data_sharding),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )
+  predict = jax.jit(make_predict_fn(model))
+  logger = _Logger(workdir, is_main)
+  summary: dict[str, Any] = {"method": config.method, "start_step": start, "workdir": workdir}
+  num_steps = config.train.num_steps
+  images_per_step = config.data.batch_size * len(method.streams)
+  pending: list[dict] = []
+  best_auc, last_val = -np.inf, {}
+
+  from tqdm import tqdm
+
+  bar = tqdm(total=num_steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True)
+  t0, steps_timed = time.perf_counter(), 0
+  try:
+    for step in range(start, num_steps):
+      batch = _device_batch(next(iterator), method.streams, data_sharding)
+      state, step_metrics = step_fn(state, batch)
+      pending.append(step_metrics)
+      if step == start:  # the first step compiles: time the rest
+        jax.block_until_ready(step_metrics)
+        t0 = time.perf_counter()
+      else:
+        steps_timed += 1
+      done = step + 1
+      bar.update(1)
+      is_log = done % config.train.log_every == 0 or done == num_steps
+      is_eval = done % config.train.eval_every == 0 or done == num_steps
+      is_ckpt = done % config.train.checkpoint_every == 0 or done == num_steps
+      if not (is_log or is_eval or is_ckpt):
+        continue
+      fetched = jax.device_get(pending)
+      for offset, m in enumerate(fetched):
+        if not m["finite"]:
+          bad = done - len(fetched) + offset + 1
+          raise TrainingError(
+            f"non-finite loss or update at step {bad} (loss {m['loss/total']!r}); the update "
+            f"was not applied and training stopped. Last good checkpoint: step "
+            f"{ckpt.latest_step()} in {os.path.join(workdir, 'checkpoints')}. Lower "
+            "config.optim.learning_rate or check the data of that step."
+          )
+      mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "finite"}
+      pending = []
+      elapsed = time.perf_counter() - t0
+      mean["images_per_second"] = steps_timed * images_per_step / max(elapsed, 1e-9)
+      logger.write(done, mean)
+      bar.set_postfix(
+        loss=f"{mean['loss/total']:.4f}", img_s=f"{mean['images_per_second']:.1f}", refresh=False
+      )
+      if is_eval:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        scored = score_split(predict, variables, records, config.data.val_split, config, mesh)
+        last_val = face_and_video_auc(scored)
+        logger.write(done, {f"val/{k}": v for k, v in last_val.items()})
+        if np.isfinite(last_val["video_auc"]) and last_val["video_auc"] > best_auc:
+          best_auc = last_val["video_auc"]
+          _save(best, done, state, iterator.get_state(), {"val_auc": best_auc})
+      if is_ckpt:
+        _save(ckpt, done, state, iterator.get_state())
+  finally:
+    bar.close()
+    ckpt.wait_until_finished()
+    best.wait_until_finished()
+    logger.close()
+
+  elapsed = time.perf_counter() - t0
+  summary |= {
+    "end_step": num_steps,
+    "steps_run": num_steps - start,
+    "seconds": round(elapsed, 1),
+    "images_per_second": round(steps_timed * images_per_step / max(elapsed, 1e-9), 1),
+    "devices": len(devices),
+    "val": last_val,
+    "best_val_video_auc": None if best_auc == -np.inf else best_auc,
+    "checkpoint": os.path.join(workdir, "checkpoints"),
+    "best_checkpoint": os.path.join(workdir, "best"),
+  }
+  if is_main:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """The end-of-run table printed by train.py."""
+  val = summary.get("val") or {}
+  rows = [
+    ("method", summary["method"]),
+    ("steps", f"{summary['start_step']} -> {summary['end_step']} ({summary['steps_run']} run)"),
+    ("time", f"{summary['seconds']} s, {summary['images_per_second']} images/s"),
+    ("devices", summary["devices"]),
+    ("val frame AUC", f"{val.get('frame_auc', float('nan')):.4f}"),
+    ("val video AUC", f"{val.get('video_auc', float('nan')):.4f}"),
+    ("best val video AUC", summary["best_val_video_auc"]),
+    ("checkpoints", summary["checkpoint"]),
+    ("best checkpoint", summary["best_checkpoint"]),
+  ]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,77 @@
+"""Metrics on hand-made cases: AUC/AP from scikit-learn, EER by its definition, video
+aggregation with explicit ids, frame sub-sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from csdfd_jax import metrics
+
+
+def test_perfect_and_inverted_scores():
+  y = np.array([0, 0, 1, 1])
+  m = metrics.binary_metrics(y, [0.1, 0.2, 0.8, 0.9])
+  assert m["auc"] == 1.0 and m["ap"] == 1.0 and m["eer"] == 0.0 and m["acc@0.5"] == 1.0
+  m = metrics.binary_metrics(y, [0.9, 0.8, 0.2, 0.1])
+  assert m["auc"] == 0.0 and m["eer"] == 1.0 and m["acc@0.5"] == 0.0
+
+
+def test_eer_is_where_fpr_equals_fnr():
+  # reals 0.1, 0.4, 0.6; fakes 0.3, 0.7, 0.9. At a threshold in (0.4, 0.6] one real of
+  # three is a false positive and one fake of three a false negative: EER = 1/3.
+  y = np.array([0, 0, 0, 1, 1, 1])
+  s = np.array([0.1, 0.4, 0.6, 0.3, 0.7, 0.9])
+  eer, threshold = metrics.equal_error_rate(y, s)
+  assert eer == pytest.approx(1 / 3)
+  fpr = np.mean(s[y == 0] >= threshold)
+  fnr = np.mean(s[y == 1] < threshold)
+  assert fpr == pytest.approx(1 / 3) and fnr == pytest.approx(1 / 3)
+
+
+def test_eer_interpolates_between_roc_points():
+  # 2 reals, 4 fakes where FNR - FPR changes sign between ROC points: the EER lies
+  # strictly between their error rates, on the segment joining them.
+  y = np.array([0, 0, 1, 1, 1, 1])
+  s = np.array([0.2, 0.6, 0.1, 0.5, 0.7, 0.8])
+  eer, _ = metrics.equal_error_rate(y, s)
+  from sklearn.metrics import roc_curve
+
+  fpr, tpr, _ = roc_curve(y, s)
+  fnr = 1 - tpr
+  i = int(np.argmax(fnr - fpr <= 0))
+  lo, hi = sorted([fpr[i - 1], fpr[i]])
+  assert lo <= eer <= hi
+  # on the segment, FPR(eer) = FNR(eer)
+  t = (eer - fpr[i - 1]) / (fpr[i] - fpr[i - 1])
+  assert fnr[i - 1] + t * (fnr[i] - fnr[i - 1]) == pytest.approx(eer)
+
+
+def test_one_class_gives_nan_not_an_error():
+  m = metrics.binary_metrics([1, 1], [0.2, 0.9])
+  assert np.isnan(m["auc"]) and m["acc@0.5"] == 0.5
+
+
+def test_video_aggregation_max_over_faces_mean_over_frames():
+  ids = ["v1", "v1", "v1", "v2", "v2"]
+  frames = [0, 0, 1, 0, 5]
+  labels = [1, 1, 1, 0, 0]
+  scores = [0.2, 0.9, 0.5, 0.1, 0.3]
+  vids, vl, vs = metrics.aggregate_videos(ids, frames, labels, scores)
+  assert vids == ["v1", "v2"]
+  np.testing.assert_array_equal(vl, [1, 0])
+  np.testing.assert_allclose(vs, [(0.9 + 0.5) / 2, (0.1 + 0.3) / 2])
+
+
+def test_video_with_conflicting_labels_is_an_error():
+  with pytest.raises(ValueError, match="labelled both"):
+    metrics.aggregate_videos(["a", "a"], [0, 1], [0, 1], [0.1, 0.2])
+
+
+def test_bootstrap_interval_contains_the_auc():
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 2, 200)
+  s = y * 0.5 + rng.normal(0, 0.5, 200)
+  lo, hi = metrics.bootstrap_auc(y, s, samples=200)
+  auc = metrics.binary_metrics(y, s)["auc"]
+  assert lo < auc < hi and hi - lo < 0.3
