@@ -1,0 +1,201 @@
+"""Procedural demo store: format, dlib-ordered exact landmarks, determinism, splits, SBI on it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from csdfd_jax.data import demo, sbi, store
+
+SMALL = dict(size=96, train=4, val=2, test=2, unseen=2, frames=2)
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+  return demo.make_demo_store(tmp_path_factory.mktemp("demo") / "store", seed=1, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def records(small_store):
+  return store.read_index(small_store)
+
+
+def _image(root: Path, rel: str) -> np.ndarray:
+  img = cv2.imread(str(root / rel), cv2.IMREAD_UNCHANGED)
+  assert img is not None, rel
+  return img[..., ::-1] if img.ndim == 3 else img
+
+
+def test_store_format(small_store, records):
+  lines = (small_store / "index.jsonl").read_text().splitlines()
+  assert len(lines) == len(records) == (4 + 2 + 2 + 2) * 2 * 2
+  assert set(json.loads(lines[0])) >= {
+    "path", "media_id", "frame_index", "face_index", "label", "dataset", "split", "domain",
+    "landmarks", "mask_path",
+  }  # fmt: skip
+  for r in records:
+    img = _image(small_store, r.path)
+    assert img.shape == (96, 96, 3) and img.dtype == np.uint8
+    assert np.asarray(r.landmarks).shape == (68, 2)
+    assert (r.label == 0) == (r.domain == "real")
+    assert r.domain in {"real", "swap" if r.dataset == "demo" else "reenact"}
+    if r.label:
+      mask = _image(small_store, r.mask_path)
+      assert mask.shape == (96, 96) and mask.max() == 255
+    else:
+      assert r.mask_path is None
+  summary = json.loads((small_store / "summary.json").read_text())
+  assert summary["per_split"] == {
+    "demo/train": {"media": 8, "faces": 16},
+    "demo/val": {"media": 4, "faces": 8},
+    "demo/test": {"media": 4, "faces": 8},
+    "demo_unseen/test": {"media": 4, "faces": 8},
+  }
+  assert summary["demo"] == {"seed": 1, **SMALL}
+
+
+def test_landmarks_inside_image_and_in_dlib_order(records):
+  for r in records:
+    lm = np.asarray(r.landmarks)
+    assert (lm >= 0).all() and (lm <= 95).all(), r.path
+    x, y = lm[:, 0], lm[:, 1]
+    assert x[36:42].mean() < x[42:48].mean() and x[17:22].mean() < x[22:27].mean()
+    assert x[36] < x[39] < x[42] < x[45] and x[0] < x[8] < x[16] and x[48] < x[54] and x[31] < x[35]
+    assert y[17:27].mean() < y[36:48].mean() < y[30] < y[48:68].mean() < y[8]
+    assert y[27] < y[30] and y[51] < y[57] and y[62] <= y[66] + 1e-6
+    assert y[8] >= np.sort(y[:17])[-3]  # the chin is among the lowest jaw points (roll)
+    contour = np.concatenate([lm[0:17], lm[26:16:-1]]).astype(np.float32)
+    for k in (*range(36, 48), *range(27, 36), *range(48, 68)):
+      assert cv2.pointPolygonTest(contour, tuple(map(float, lm[k])), False) > 0, (r.path, k)
+
+
+def test_deterministic_bytes(small_store, tmp_path):
+  again = demo.make_demo_store(tmp_path / "again", seed=1, **SMALL)
+  files = sorted(p.relative_to(small_store) for p in small_store.rglob("*") if p.is_file())
+  assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+  for rel in files:
+    assert (small_store / rel).read_bytes() == (again / rel).read_bytes(), rel
+  other = demo.make_demo_store(tmp_path / "other", seed=2, **SMALL)
+  assert (other / "index.jsonl").read_bytes() != (again / "index.jsonl").read_bytes()
+
+
+def test_splits_disjoint(records):
+  media = {}
+  for r in records:
+    media.setdefault(r.media_id, set()).add((r.dataset, r.split))
+  assert all(len(v) == 1 for v in media.values())
+  split_of = {r.media_id: (r.dataset, r.split) for r in records if r.label == 0}
+  for r in records:
+    if r.dataset == "demo_unseen":
+      assert r.split == "test"
+    if r.label == 1 and r.dataset == "demo":
+      target, source = r.media_id.split("_")
+      assert target != source and split_of[target] == split_of[source] == (r.dataset, r.split)
+  frames = {}
+  for r in records:
+    frames.setdefault(r.media_id, []).append(r.frame_index)
+  assert all(sorted(v) == [0, 1] for v in frames.values())
+
+
+def test_fakes_are_local_manipulations(small_store, records):
+  """Each fake frame differs from its real frame mostly inside its mask (camera noise elsewhere)."""
+  real = {(r.media_id, r.frame_index): r for r in records if r.label == 0}
+  for r in records:
+    if r.label == 0:
+      continue
+    twin = real[(r.media_id.split("_")[0], r.frame_index)]
+    diff = np.abs(_image(small_store, r.path).astype(float) - _image(small_store, twin.path)).mean(
+      -1
+    )
+    mask = _image(small_store, r.mask_path) / 255.0
+    assert diff[mask > 0.9].mean() > 2.5 * diff[mask < 0.01].mean(), r.path
+
+
+def test_sbi_pair_on_demo_faces(small_store, records):
+  rng = np.random.default_rng(0)
+  for r in records[:8]:
+    real, fake = sbi.sbi_pair(_image(small_store, r.path), np.asarray(r.landmarks), rng, size=64)
+    assert real.shape == fake.shape == (64, 64, 3) and real.dtype == np.uint8
+
+
+def test_reuse_and_overwrite(small_store, tmp_path):
+  stamp = (small_store / "index.jsonl").stat().st_mtime_ns
+  assert demo.make_demo_store(small_store, seed=1, **SMALL) == small_store
+  assert (small_store / "index.jsonl").stat().st_mtime_ns == stamp
+  with pytest.raises(FileExistsError, match="overwrite"):
+    demo.make_demo_store(small_store, seed=3, **SMALL)
+  with pytest.raises(ValueError, match="at least 2"):
+    demo.make_demo_store(tmp_path / "bad", train=1)
+  target = tmp_path / "rebuilt"
+  demo.make_demo_store(target, seed=3, **SMALL)
+  demo.make_demo_store(target, seed=4, overwrite=True, **SMALL)
+  assert json.loads((target / "summary.json").read_text())["demo"]["seed"] == 4
+
+
+def test_dlib_finds_the_drawn_faces():
+  """Independent check of geometry and landmark order: dlib's detector and 68-point predictor."""
+  spec = importlib.util.find_spec("face_recognition_models")
+  dlib = pytest.importorskip("dlib")
+  if spec is None:
+    pytest.skip("face_recognition_models not installed")
+  path = (
+    Path(spec.submodule_search_locations[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
+  )
+  detector, predictor = dlib.get_frontal_face_detector(), dlib.shape_predictor(str(path))
+  found, errors = 0, []
+  for seed in range(12):
+    rng = np.random.default_rng(seed)
+    scene = demo.sample_scene(rng, 128)
+    image, lm = demo.draw_face(demo.sample_identity(rng), scene, demo.sample_frame(rng, scene), 128)
+    boxes = detector(image, 1)
+    if boxes:
+      found += 1
+      pred = np.array([[p.x, p.y] for p in predictor(image, boxes[0]).parts()], np.float64)
+      errors.append(np.linalg.norm(pred - lm, axis=1).mean() / np.ptp(lm[:, 0]))
+  print(
+    f"dlib found {found}/12 drawn faces; mean landmark error {np.mean(errors):.3f} x face width"
+  )
+  assert found >= 3
+  assert np.mean(errors) < 0.1
+
+
+def test_similarity_fit_recovers_a_known_map():
+  rng = np.random.default_rng(0)
+  src = rng.normal(size=(20, 2)) * 30
+  c, s = 1.2 * np.cos(0.3), 1.2 * np.sin(0.3)
+  m = np.array([[c, -s, 5.0], [s, c, -3.0]])
+  np.testing.assert_allclose(demo._fit_similarity(src, src @ m[:, :2].T + m[:, 2]), m, atol=1e-9)
+
+
+def test_cli(tmp_path, capsys):
+  argv = [
+    "--size",
+    "64",
+    "--train",
+    "2",
+    "--val",
+    "0",
+    "--test",
+    "2",
+    "--unseen",
+    "2",
+    "--frames",
+    "1",
+  ]
+  demo.main(["--out", str(tmp_path / "cli"), *argv])
+  assert "demo face store" in capsys.readouterr().out
+  params = json.loads((tmp_path / "cli" / "summary.json").read_text())["demo"]
+  assert params == {
+    "seed": 0,
+    "size": 64,
+    "train": 2,
+    "val": 0,
+    "test": 2,
+    "unseen": 2,
+    "frames": 1,
+  }
