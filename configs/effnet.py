@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 1_000
   config.train.keep_checkpoints = 3
   config.train.eval_batch_size = 64
+  config.train.num_devices = 0  # data-parallel over this many local devices; 0 = all
 
   config.eval = ml_collections.ConfigDict()
   # "name=records_dir[:split]" comma-separated; the split defaults to "test".

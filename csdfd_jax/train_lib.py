@@ -263,6 +263,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f.write(config.to_json_best_effort(indent=2))
 
   devices = jax.devices()
+  if config.train.num_devices:
+    if config.train.num_devices > len(devices):
+      raise ValueError(f"train.num_devices={config.train.num_devices} > {len(devices)} devices")
+    devices = devices[: config.train.num_devices]
   mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(AxisType.Auto,))
   if config.data.batch_size % len(devices):
     raise ValueError(
