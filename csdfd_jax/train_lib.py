@@ -68,7 +68,13 @@ def build_model(config: ml_collections.ConfigDict) -> Detector:
   if config.model.init:
     from csdfd_jax.models import weights
 
-    prep = weights.load_preprocessing(config.model.init) or prep
+    _, meta = weights.load_variables(config.model.init)
+    if meta.get("family", config.model.name) != config.model.name:
+      raise ValueError(
+        f"{config.model.init} holds {meta['family']} weights but config.model.name is "
+        f"{config.model.name!r}"
+      )
+    prep = meta.get("preprocessing") or prep
   return Detector(
     backbone=backbone,
     mean=tuple(prep["mean"]),
@@ -86,7 +92,7 @@ def init_variables(model: Detector, config: ml_collections.ConfigDict, rng) -> d
   if config.model.init:
     from csdfd_jax.models import weights
 
-    loaded = weights.load_variables(config.model.init)
+    loaded, _ = weights.load_variables(config.model.init)
     for collection, tree in loaded.items():
       if collection not in variables:
         raise TrainingError(f"{config.model.init}: collection {collection!r} not in the model")

@@ -132,3 +132,49 @@ def check_tree_matches(reference: Any, loaded: Any, what: str = "converted weigh
       problems.append(f"shape of {fmt(p)}: {np.shape(got_paths[p])} vs model {tuple(ref.shape)}")
   if problems:
     raise WeightMappingError(f"{what} do not match the model:\n  " + "\n  ".join(problems[:50]))
+
+
+def sidecar_path(path: str | os.PathLike) -> str:
+  """``weights.npz`` → ``weights.json``: where the metadata of a converted file lives."""
+  return os.path.splitext(os.fspath(path))[0] + ".json"
+
+
+def save_variables(
+  path: str | os.PathLike, variables: Mapping[str, Any], metadata: Mapping[str, Any]
+) -> None:
+  """Writes Flax variables as a flat ``.npz`` (keys ``params/blocks_0_0/conv_dw/kernel``) and
+  ``metadata`` (family, variant, source, preprocessing, ...) as a JSON sidecar beside it, so a
+  config that loads the weights also learns how inputs must be normalised."""
+  import json
+
+  import jax
+
+  flat = {}
+  for p, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    flat["/".join(str(getattr(k, "key", k)) for k in p)] = np.asarray(leaf)
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "wb") as f:  # a file object keeps np.savez from appending ".npz"
+    np.savez(f, **flat)
+  with open(sidecar_path(path), "w") as f:
+    json.dump(dict(metadata), f, indent=2, sort_keys=True)
+
+
+def load_variables(path: str | os.PathLike) -> tuple[dict, dict]:
+  """Reads what :func:`save_variables` wrote: ``(variables as nested dicts, metadata)``.
+  The metadata is ``{}`` when the sidecar is absent."""
+  import json
+
+  variables: dict = {}
+  for key, value in load_state_dict(path).items():
+    *parents, leaf = key.split("/")
+    node = variables
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = value
+  meta_path = sidecar_path(path)
+  metadata = {}
+  if os.path.isfile(meta_path):
+    with open(meta_path) as f:
+      metadata = json.load(f)
+  return variables, metadata
