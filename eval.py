@@ -20,6 +20,7 @@ flags.DEFINE_string("test_sets", "", "name=records_dir[:split][@datasets],... (d
 flags.DEFINE_string("out", None, "Output folder (default: <first workdir>/eval).")
 flags.DEFINE_integer("frames_per_video", None, "Frames per video (default: config.eval's, 32).")
 flags.DEFINE_integer("batch_size", None, "Eval batch size (default: the config's).")
+flags.DEFINE_bool("gradcam", True, "Also draw Grad-CAM grids of sample test faces (Fig. 4).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -45,6 +46,7 @@ def main(argv) -> None:
       which=FLAGS.checkpoint,
       frames_per_video=frames,
       batch_size=FLAGS.batch_size,
+      gradcam=FLAGS.gradcam,
     )
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"eval.py: {e}")

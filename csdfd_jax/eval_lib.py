@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -274,7 +275,46 @@ def plot_training_curves(workdirs: list[str], out_dir: str) -> list[str]:
   return out
 
 
-def evaluate(workdirs, test_sets, out_dir, *, which="best", frames_per_video=32, batch_size=None):
+def plot_gradcam(workdirs, test_sets, out_dir, *, which="best", per_class=4) -> list[str]:
+  """Grad-CAM grids of sample test faces per run and test set (the paper's Fig. 4).
+  Backbones whose logit does not read a spatial map (ViT's class token) are skipped."""
+  from csdfd_jax import explain
+
+  out = []
+  for w in workdirs:
+    config, model, variables, _ = load_run(w, which)
+    name = os.path.basename(os.path.normpath(w))
+    for ts in test_sets:
+      path = os.path.join(out_dir, f"gradcam_{name}_{ts.name}.png")
+      try:
+        out.append(
+          explain.save_run_gradcam(
+            model,
+            variables,
+            ts.records,
+            ts.split,
+            config.data.image_size,
+            path,
+            per_class=per_class,
+            datasets=ts.datasets,
+            title=f"{name} on {ts.name}",
+          )
+        )
+      except ValueError as e:
+        logging.warning("Grad-CAM skipped for %s on %s: %s", name, ts.name, e)
+  return out
+
+
+def evaluate(
+  workdirs,
+  test_sets,
+  out_dir,
+  *,
+  which="best",
+  frames_per_video=32,
+  batch_size=None,
+  gradcam=True,
+):
   runs = [
     score_run(w, test_sets, which=which, frames_per_video=frames_per_video, batch_size=batch_size)
     for w in workdirs
@@ -282,6 +322,8 @@ def evaluate(workdirs, test_sets, out_dir, *, which="best", frames_per_video=32,
   names = [t.name for t in test_sets]
   paths = write_tables(runs, names, out_dir)
   paths["plots"] = plot_roc(runs, names, out_dir) + plot_training_curves(workdirs, out_dir)
+  if gradcam:
+    paths["plots"] += plot_gradcam(workdirs, test_sets, out_dir, which=which)
   return runs, paths
 
 

@@ -36,7 +36,7 @@ def marking_sbi(image, landmarks, rng, *, size):
   """Stand-in SBI: fake = 255 - real, so a fake names its real; pixel (0, 0) of both carries
   three draws of ``rng`` (determinism of the per-example rng shows in the batch)."""
   assert len(landmarks) == 68
-  real = pipeline._resize(image, size).copy()
+  real = pipeline.resize_face(image, size).copy()
   fake = 255 - real
   real[0, 0] = fake[0, 0] = rng.integers(0, 256, 3)
   return real, fake

@@ -128,7 +128,9 @@ def _check_known(what: str, wanted: Sequence[str], present: np.ndarray) -> None:
     raise ValueError(f"unknown {what} {unknown}; the records hold {sorted(set(present.tolist()))}")
 
 
-def _resize(image: np.ndarray, size: int | None) -> np.ndarray:
+def resize_face(image: np.ndarray, size: int | None) -> np.ndarray:
+  """A stored face crop at the model's input size: INTER_AREA to shrink, INTER_LINEAR to
+  grow. Training, evaluation, predict and Grad-CAM all resize through this one function."""
   if size is None or image.shape[:2] == (size, size):
     return image
   shrink = image.shape[0] > size
@@ -225,7 +227,7 @@ class TrainBatches:
     recs = self.records.read([i for i, _ in drawn])
     images = []
     for rec, (_, rng) in zip(recs, drawn, strict=True):
-      image = _resize(rec["image"], self.image_size)
+      image = resize_face(rec["image"], self.image_size)
       images.append(image[:, ::-1] if rng.random() < 0.5 else image)
     labels = np.array([rec["label"] for rec in recs], np.int32)
     return {"image": np.stack(images), "label": labels}
@@ -409,7 +411,7 @@ class EvalBatches:
     recs = self.records.read(take)
     pad = self.batch_size - len(recs)
     s = self.image_size
-    images = [_resize(r["image"], s) for r in recs] + [np.zeros((s, s, 3), np.uint8)] * pad
+    images = [resize_face(r["image"], s) for r in recs] + [np.zeros((s, s, 3), np.uint8)] * pad
     text = {
       k: [r[k].decode() for r in recs] + [""] * pad for k in ("media_id", "dataset", "domain")
     }
