@@ -97,3 +97,35 @@ def test_projection_holding_every_parameter_leaves_uvs_partition_empty():
   updates, _ = tx.update(grads, tx.init(params), params)
   expected, _ = cgr().update(grads, cgr().init(None))
   np.testing.assert_allclose(updates["projection"]["w"], expected["projection"]["w"])
+
+
+def test_mean_reduction_reaches_both_halves():
+  """reduction="mean" divides both UVS's g0 and CGR's update by K (same step size)."""
+  model, params, streams = _setup()
+  grads = _grads(model, params, streams)
+  tx = csdfd(optax.identity(), reduction="mean")
+  updates, _ = tx.update(grads, tx.init(params), params)
+  rest = {k: v for k, v in grads.items() if k != "projection"}
+  expected_rest, _ = uvs(reduction="mean").update(rest, uvs().init(None))
+  expected_proj, _ = cgr(reduction="mean").update(grads["projection"], cgr().init(None))
+  summed, _ = csdfd(optax.identity()).update(grads, tx.init(params), params)
+  for key, expected in (("backbone", expected_rest["backbone"]), ("projection", expected_proj)):
+    for name in ("kernel", "bias"):
+      np.testing.assert_allclose(updates[key][name], expected[name], rtol=1e-6)
+      np.testing.assert_allclose(updates[key][name], summed[key][name] / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_gradients_stay_bfloat16_and_match_float32():
+  model, params, streams = _setup()
+  grads = _grads(model, params, streams)
+  grads_bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), grads)
+  tx = csdfd(optax.identity())
+  updates, _ = jax.jit(tx.update)(grads_bf, tx.init(params), params)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(updates))
+  rounded = jax.tree.map(lambda x: x.astype(jnp.float32), grads_bf)  # same inputs in float32
+  expected, _ = tx.update(rounded, tx.init(params), params)
+  for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+    want = np.asarray(want)
+    np.testing.assert_allclose(
+      np.asarray(got, np.float32), want, rtol=2**-7, atol=2**-7 * np.abs(want).max()
+    )

@@ -9,8 +9,8 @@ from cagrad_reference import dual_value, primal_value
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from csdfd_jax.transforms import solve_dual, stack_streams, uvs, uvs_diagnostics
-from csdfd_jax.transforms.uvs import reduction_vector
+from csdfd_jax.transforms import combine, solve_dual, stack_streams, uvs, uvs_diagnostics
+from csdfd_jax.transforms.uvs import STATIC_ARGS, reduction_vector
 
 
 def _run(g: np.ndarray, c: float = 0.5, **kw) -> np.ndarray:
@@ -147,16 +147,29 @@ def test_uvs_never_worse_than_g0_for_the_worst_stream_property():
   prop()
 
 
-def test_bfloat16_updates_stay_bfloat16_and_match_float32():
-  g = np.random.default_rng(2).normal(size=(2, 64)).astype(np.float32)
-  tx = uvs()
-  tree = {"w": jnp.asarray(g, jnp.bfloat16)}
-  v, _ = tx.update(tree, tx.init(None))
-  assert v["w"].dtype == jnp.bfloat16
-  ref, _ = tx.update({"w": jnp.asarray(g, jnp.bfloat16).astype(jnp.float32)}, tx.init(None))
-  np.testing.assert_allclose(
-    np.asarray(v["w"], np.float32), np.asarray(ref["w"]), rtol=2e-2, atol=2e-2
-  )
+def test_bfloat16_updates_stay_bfloat16_and_match_float64_reference():
+  rng = np.random.default_rng(2)
+  g = rng.normal(size=(2, 32))
+  g[1] = -0.7 * g[0] + 0.5 * g[1]  # conflicting streams: UVS moves v away from g0
+  g_bf = jnp.asarray(g, jnp.bfloat16)
+  v = _run(g_bf)
+  assert _run_dtype(g_bf) == jnp.bfloat16
+  exact = np.asarray(g_bf, np.float64)  # the reference sees the same rounded inputs
+  with jax.enable_x64(True):
+    ref = _run(exact)
+  # bf16 keeps 8 bits: the update is rounded once on the way out.
+  np.testing.assert_allclose(v, ref, rtol=2**-7, atol=2**-7 * np.abs(ref).max())
+  g0 = exact.sum(0)
+  scale = np.linalg.norm(g0) * np.max(np.linalg.norm(exact, axis=1))
+  target = primal_value(exact, np.ones(2), 0.5)
+  assert abs(np.min(exact @ ref) - target) <= 1e-9 * scale  # ref is the optimum
+  assert abs(np.min(exact @ v) - target) <= 1e-2 * scale
+
+
+def _run_dtype(g) -> jnp.dtype:
+  tx = uvs(num_streams=len(g))
+  v, _ = tx.update({"w": g}, tx.init(None))
+  return v["w"].dtype
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -200,3 +213,93 @@ def test_diagnostics_from_state_match_direct_computation():
   assert np.min(d["rate_before"]) < 0 < np.min(d["rate_after"])
   stacked = stack_streams({"w": jnp.asarray(g[0])}, {"w": jnp.asarray(g[1])})
   np.testing.assert_allclose(stacked["w"], g)
+
+
+@pytest.mark.parametrize("k", [10, 12])
+@pytest.mark.parametrize("kind", ["random", "nearly_opposite"])
+def test_more_streams_than_the_face_enumeration_reach_the_optimum(k, kind):
+  """K > max_exact_streams: FISTA then active-set polish, on the first (cold) step."""
+  rng = np.random.default_rng(k + KINDS.index(kind))
+  with jax.enable_x64(True):
+    g = _adversarial(kind, k, 16, rng)
+    v = _run(g)
+  g0 = g.sum(0)
+  assert np.linalg.norm(v - g0) <= 0.5 * np.linalg.norm(g0) * (1 + 1e-9)
+  scale = np.linalg.norm(g0) * np.max(np.linalg.norm(g, axis=1))
+  ref = primal_value(g, np.ones(k), 0.5)
+  assert abs(np.min(g @ v) - ref) <= 1e-5 * scale, (np.min(g @ v), ref, scale)
+
+
+def _nearly_opposite(k: int, one_plus_cos: float, rng) -> np.ndarray:
+  """g_1 = u + e/2, g_2 = -u + e/2 with 1 + cos(g_1, g_2) = one_plus_cos and e at 70
+  degrees from u, so that g_2 . g0 < 0: UVS has to move far from g0; more streams random."""
+  p = 32
+  u = rng.normal(size=p)
+  e = rng.normal(size=p)
+  e -= (e @ u) / (u @ u) * u
+  e = 0.3 * u / np.linalg.norm(u) + np.sqrt(1 - 0.09) * e / np.linalg.norm(e)
+  e *= np.sqrt(2 * one_plus_cos / (1 - 0.09)) * np.linalg.norm(u)
+  others = [0.3 * rng.normal(size=p) for _ in range(k - 2)]
+  return np.stack([u + e / 2, -u + e / 2, *others])
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("one_plus_cos", [1e-5, 1e-6])
+def test_float32_nearly_opposite_streams_match_float64_reference(k, one_plus_cos):
+  """The Gram's entries cancel here (||g0||^2 ~ 1e-6 of them in float32): UVS must
+  read <g_j, g0> and ||g_w|| off the vectors, not return g0 or a poor direction."""
+  g = _nearly_opposite(k, one_plus_cos, np.random.default_rng(k)).astype(np.float32)
+  v = _run(g)
+  exact = g.astype(np.float64)
+  g0 = exact.sum(0)
+  scale = np.linalg.norm(g0) * np.max(np.linalg.norm(exact, axis=1))
+  ref = primal_value(exact, np.ones(k), 0.5)
+  assert np.min(exact @ g0) < ref - 0.1 * scale  # g0 itself is far from the optimum
+  assert np.linalg.norm(v - g0) <= 0.5 * np.linalg.norm(g0) * (1 + 1e-4)
+  assert abs(np.min(exact @ v) - ref) <= 1e-4 * scale, (np.min(exact @ v), ref, scale)
+
+
+def test_c_can_be_scheduled_with_inject_hyperparams_under_jit():
+  g = np.random.default_rng(8).normal(size=(2, 20)).astype(np.float32)
+  g[1] = -0.8 * g[0] + 0.4 * g[1]
+  tree = {"w": jnp.asarray(g)}
+  values = [0.0, 0.25, 0.5, 0.0]
+  tx = optax.inject_hyperparams(uvs, static_args=STATIC_ARGS)(c=lambda n: jnp.asarray(values)[n])
+  state = tx.init({"w": jnp.zeros(20)})
+  update = jax.jit(tx.update)
+  for c in values:
+    v, state = update(tree, state)
+    fixed = uvs(c)
+    expected, _ = fixed.update(tree, fixed.init(None))
+    np.testing.assert_allclose(v["w"], expected["w"], rtol=1e-5, atol=1e-6)
+    if c == 0:  # exactly g0, as for a static c = 0
+      np.testing.assert_array_equal(v["w"], combine(tree, jnp.ones(2))["w"])
+  assert update._cache_size() == 1
+  with pytest.raises(ValueError, match="static_args"):
+    plain = optax.inject_hyperparams(uvs)(c=0.5)
+    jax.jit(plain.update)(tree, plain.init({"w": jnp.zeros(20)}))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_gradient_through_the_update_matches_finite_differences(k):
+  """d/dg of a scalar function of v (meta-learning, implicit layers): finite and equal
+  to central differences at a generic point with conflicting streams."""
+  rng = np.random.default_rng(9 + k)
+  g = rng.normal(size=(k, 12))
+  g[1] = -0.6 * g[0] + 0.6 * g[1]
+  probe, direction = rng.normal(size=12), rng.normal(size=(k, 12))
+
+  def f(x):
+    tx = uvs(0.5, num_streams=k)
+    v, _ = tx.update({"w": x}, tx.init(None))
+    return jnp.sum(v["w"] * probe)
+
+  value_and_grad = jax.jit(jax.value_and_grad(f))
+  with jax.enable_x64(True):
+    h = 1e-6
+    grad = np.asarray(value_and_grad(jnp.asarray(g))[1])
+    ends = [value_and_grad(jnp.asarray(g + t * direction))[0] for t in (h, -h)]
+    grad32 = np.asarray(value_and_grad(jnp.asarray(g, jnp.float32))[1])  # float32 solver
+  assert np.all(np.isfinite(grad)) and np.all(np.isfinite(grad32))
+  fd = float(ends[0] - ends[1]) / (2 * h)
+  np.testing.assert_allclose(np.sum(grad * direction), fd, rtol=1e-6, atol=1e-8)

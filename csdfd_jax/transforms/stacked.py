@@ -80,9 +80,25 @@ def gram_matrix(stacked: PyTree, scale: jax.Array | None = None) -> jax.Array:
   return gram
 
 
+def cross_gram(stacked: PyTree, other: PyTree, scale: jax.Array | None = None) -> jax.Array:
+  """X[i, m] = <g_i / scale, h_m> between the K streams and M vectors of a second
+  stacked tree of the same structure (leading axis M), summed over all leaves."""
+  leaves, others = jax.tree.leaves(stacked), jax.tree.leaves(other)
+  k, m = num_streams(stacked), num_streams(other)
+  dtype = _tree_dtype(leaves + others)
+  inv = _inverse(scale, dtype)
+  out = jnp.zeros((k, m), dtype)
+  for leaf, extra in zip(leaves, others, strict=True):
+    flat = leaf.reshape(k, -1).astype(dtype) * inv
+    rows = extra.reshape(m, -1).astype(dtype)
+    out = out + jnp.matmul(flat, rows.T, precision=jax.lax.Precision.HIGHEST)
+  return out
+
+
 def combine(stacked: PyTree, coeffs: jax.Array, *, keep_dtype: bool = True) -> PyTree:
   """sum_j coeffs[j] * g_j, leaf by leaf, computed in at least float32 and returned in
-  each leaf's own dtype (or in the compute dtype with ``keep_dtype=False``)."""
+  each leaf's own dtype (or in the compute dtype with ``keep_dtype=False``). Coefficients
+  of shape [M, K] give M combinations, stacked on a new leading axis."""
 
   def one(leaf):
     dtype = compute_dtype(leaf.dtype)

@@ -15,16 +15,21 @@ CAGrad (Liu et al., NeurIPS 2021). Everything follows from the K x K Gram matrix
 stream gradients, so the solve costs O(K^2) after one O(K * P) pass.
 
 The solver (``solve_dual``):
-* every face of the simplex is solved in closed form (Lagrange conditions on the face
-  give a quadratic in the multiplier of sum(w) = 1) for K <= ``max_exact_streams``;
+* every face of the simplex is solved in closed form (Lagrange conditions on the face,
+  one bordered KKT solve and a scalar equation for ||g_w||) for K <= ``max_exact_streams``;
   for K = 2, the paper's case, these three faces are the whole problem: no iterations;
-* for K >= 3, projected accelerated gradient (FISTA, Eq. 16 with momentum) on the
-  simplex over the normalised Gram matrix, fixed iteration count, optionally warm
-  started from the previous step's weights;
+* for K > max_exact_streams, projected accelerated gradient (FISTA, Eq. 16 with
+  momentum) on the simplex, optionally warm started from the previous step's weights,
+  then the faces within its max_exact_streams largest weights and a few active-set
+  steps (which reach the optimum to rounding where FISTA alone stops ~1e-3 short);
 * every candidate w gives a feasible v, so the solver returns the candidate with the
   best primal value min_j g_j . v, which can only be as good as or better than any one.
-  Measured on adversarial inputs: PGD alone after 100 iterations stays up to ~1e-3
-  (relative) below the optimum; the face solutions close the gap.
+
+Where the streams nearly cancel (1 + cos(g_1, g_2) ~ 1e-6 in float32), the Gram's
+entries lose ||g0||^2, <g_j, g0> and ||g_w||^2 to rounding; ``uvs`` detects it and solves
+again around the Gram's solution with those quantities read off the vectors (in a
+lax.cond, two more passes, only then). The update is differentiable (no NaN gradient)
+and c may be traced (scheduled with ``optax.inject_hyperparams``, see ``STATIC_ARGS``).
 
 Where the paper is silent, this module follows the official CAGrad code's options:
 ``reduction`` ("sum": g0 = sum_j g_j as in the paper's Eq. 3; "mean": CAGrad's average)
@@ -45,6 +50,9 @@ from csdfd_jax.transforms import stacked as st
 
 REDUCTIONS = ("sum", "mean")
 RESCALES = ("none", "1/(1+c)", "1/(1+c^2)")
+# uvs() options that fix array shapes or loop counts: optax.inject_hyperparams must keep
+# them static (it would trace every numeric argument), only c can be scheduled.
+STATIC_ARGS = ("num_streams", "num_iters", "max_exact_streams", "polish_steps")
 
 
 class UVSState(NamedTuple):
@@ -103,29 +111,80 @@ def _face_masks(k: int) -> np.ndarray:
   return np.asarray(rows)
 
 
-def _face_candidates(gh, b, big_c, masks, tiny):
-  """Stationary points of F restricted to each face (Eq. 15 with its Lagrangian).
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+  """sqrt(max(x, 0)) whose gradient stays finite at and below 0 (the double-where trick)."""
+  pos = x > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
-  On a face S with nonsingular Gram block G_S, stationarity of b.w + C sqrt(w'Gw) with
-  1'w = 1 gives w proportional to H (nu 1 - b), H = G_S^+, where nu solves
-  (nu 1 - b)' H (nu 1 - b) = C^2. Both roots are returned; clipping to w >= 0 keeps
-  every candidate feasible for the primal.
+
+class _Dual(NamedTuple):
+  """The dual (Eq. 15) written around a point w_ref of the simplex, in units of
+  max_j ||g_j||^2: gh the Gram, b_j = <g_j, g0>, big_c = c ||g0||, q = ||g_wref||^2 and
+  r_j = <g_j, g_wref>. With d = w - w_ref, ||g_w||^2 = q + 2 d.r + d'G d and
+  g_j . g_w = r_j + (G d)_j: accurate near w_ref even where the Gram's entries cancel,
+  once b, q and r are read from the vectors (w_ref = 0, q = 0, r = 0: the plain Gram)."""
+
+  gh: jax.Array
+  b: jax.Array
+  big_c: jax.Array
+  w_ref: jax.Array
+  q: jax.Array
+  r: jax.Array
+
+
+def _gram_dual(gh: jax.Array, a: jax.Array, c) -> _Dual:
+  b = gh @ a
+  zero = jnp.zeros_like(b)
+  return _Dual(gh, b, c * _safe_sqrt(a @ b), zero, jnp.zeros((), gh.dtype), zero)
+
+
+def _norms_and_rates(dual: _Dual, ws: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """||g_w||^2 and g_j . g_w for the rows w of ws."""
+  d = ws - dual.w_ref
+  gd = d @ dual.gh
+  return dual.q + 2.0 * d @ dual.r + jnp.sum(d * gd, axis=-1), dual.r + gd
+
+
+def _face_points(dual: _Dual, masks: jax.Array) -> jax.Array:
+  """Stationary points of F(w) = b.w + C ||g_w|| (Eq. 15) on each face S (mask rows).
+
+  With w = w_ref + z, the Lagrange conditions on the face, b_S + C (r + G z)_S / rho
+  + mu 1_S = 0, 1'w = 1, rho = ||g_w||, are linear in z for a fixed rho: z = z0 + rho z1
+  from one bordered (KKT) solve; then ||g_w||^2 = alpha + beta rho^2 gives rho in closed
+  form. The bordered matrix stays well conditioned where G_S is nearly singular along
+  1_S (nearly opposite streams). Returns the unclipped w of every face.
   """
-  k = gh.shape[0]
+  gh, b, big_c, w_ref, q, r = dual
+  n, k = masks.shape
+  fix = -w_ref * (1.0 - masks)  # z off the face brings w to 0 there
+  s = 1.0 - masks @ w_ref  # what z adds on the face, so that sum(w) = 1
+  r_f = r + fix @ gh
+  q_f = q + 2.0 * fix @ r + jnp.sum(fix * (fix @ gh), axis=-1)
   outer = masks[:, :, None] * masks[:, None, :]
   block = gh * outer + jnp.eye(k, dtype=gh.dtype) * (1.0 - masks)[:, None, :]
-  h = jnp.linalg.pinv(block) * outer
-  bs = b * masks
-  qa = jnp.einsum("nk,nkl,nl->n", masks, h, masks)
-  qb = jnp.einsum("nk,nkl,nl->n", masks, h, bs)
-  qc = jnp.einsum("nk,nkl,nl->n", bs, h, bs) - big_c**2
-  ok = qa > tiny
-  safe_a = jnp.where(ok, qa, 1.0)
-  root = jnp.sqrt(jnp.maximum(qb**2 - qa * qc, 0.0))
-  nus = jnp.stack([(qb + root) / safe_a, (qb - root) / safe_a], axis=1)
-  x = jnp.einsum("nkl,nrl->nrk", h, nus[..., None] * masks[:, None, :] - bs[:, None, :])
-  x = jnp.where(ok[:, None, None], jnp.maximum(x, 0.0), 0.0)
-  return x.reshape(-1, k)
+  zeros = jnp.zeros((n, 1), gh.dtype)
+  kkt = jnp.concatenate(
+    [
+      jnp.concatenate([block, masks[:, :, None]], axis=2),
+      jnp.concatenate([masks, zeros], axis=1)[:, None, :],
+    ],
+    axis=1,
+  )
+  safe_c = jnp.where(big_c > 0, big_c, 1.0)
+  rhs = jnp.stack(
+    [
+      jnp.concatenate([-r_f * masks, s[:, None]], axis=1),
+      jnp.concatenate([-(b / safe_c) * masks, zeros], axis=1),
+    ],
+    axis=-1,
+  )
+  sol = jnp.einsum("nij,njm->nim", jnp.linalg.pinv(kkt), rhs)
+  z0, mu0, z1 = sol[:, :k, 0], sol[:, k, 0], sol[:, :k, 1]
+  alpha = q_f + jnp.sum(z0 * r_f, axis=-1) - mu0 * s
+  beta = jnp.sum(z1 * (z1 @ gh), axis=-1)
+  bounded = beta < 1.0  # else F has no minimum inside the face's affine hull
+  rho = jnp.where(bounded, _safe_sqrt(alpha / jnp.where(bounded, 1.0 - beta, 1.0)), 0.0)
+  return w_ref + fix + (z0 + rho[:, None] * z1) * masks
 
 
 def _pgd(gh, b, big_c, w0, num_iters, tiny):
@@ -150,14 +209,107 @@ def _pgd(gh, b, big_c, w0, num_iters, tiny):
   return w
 
 
-def _primal(gh, a, big_c, ws, tiny):
-  """For each candidate w (rows), alpha = a + C w / ||g_w|| and min_j g_j . v."""
-  q = jnp.einsum("nk,kl,nl->n", ws, gh, ws)
-  ok = q > tiny
-  alpha = a + big_c * ws / jnp.sqrt(jnp.where(ok, q, 1.0))[:, None]
-  alpha = jnp.where(ok[:, None], alpha, a)
-  value = jnp.min(alpha @ gh, axis=-1)
-  return alpha, jnp.where(ok & jnp.isfinite(value), value, -jnp.inf)
+def _polish(dual: _Dual, w: jax.Array, num_steps: int, tiny) -> jax.Array:
+  """Primal active-set steps from w (for K above the face enumeration).
+
+  Each step moves from w toward the closed-form optimum of F on the current support
+  (``_face_points``), stopping where a weight reaches 0, which then leaves the support;
+  when that optimum is feasible, the stream whose partial derivative of F most undercuts
+  the multiplier (a violated KKT condition) joins the support. F is convex, so each
+  accepted step descends; a step that would not is refused.
+  """
+  k = w.shape[0]
+
+  def objective(x):
+    q, _ = _norms_and_rates(dual, x[None])
+    return dual.b @ x + dual.big_c * _safe_sqrt(q[0])
+
+  def body(_, carry):
+    w, mask = carry
+    delta = _face_points(dual, mask[None].astype(w.dtype))[0] - w
+    shrinking = mask & (delta < 0)
+    ratios = jnp.where(shrinking, w / jnp.where(shrinking, -delta, 1.0), jnp.inf)
+    t = jnp.minimum(1.0, jnp.min(ratios))
+    w_new = jnp.where(mask, jnp.maximum(w + t * delta, 0.0), 0.0)
+    w_new = w_new / jnp.maximum(jnp.sum(w_new), tiny)
+    blocked = t < 1.0
+    q, rates = _norms_and_rates(dual, w_new[None])
+    grad = dual.b + dual.big_c * rates[0] / jnp.sqrt(jnp.maximum(q[0], tiny))
+    violation = jnp.where(mask, jnp.inf, grad - grad @ w_new)
+    j = jnp.argmin(violation)
+    add = ~blocked & (violation[j] < -tiny * jnp.max(jnp.abs(grad)))
+    new_mask = jnp.where(blocked, mask & (jnp.arange(k) != jnp.argmin(ratios)), mask)
+    new_mask = new_mask.at[j].set(new_mask[j] | add)
+    better = objective(w_new) <= objective(w)
+    return jnp.where(better, w_new, w), jnp.where(better, new_mask, mask)
+
+  w, _ = jax.lax.fori_loop(0, num_steps, body, (w, w > 0))
+  return w
+
+
+def _evaluate(dual: _Dual, ws: jax.Array, floor) -> tuple[jax.Array, jax.Array]:
+  """For each candidate w (rows): ||g_w||^2 and the primal value min_j g_j . v of
+  v = g0 + C g_w / ||g_w|| (Eq. 14); -inf where ||g_w||^2 <= floor (g_w vanishes, or
+  cannot be told from rounding)."""
+  q, rates = _norms_and_rates(dual, ws)
+  ok = q > floor
+  lam = jnp.where(ok, dual.big_c / _safe_sqrt(jnp.where(ok, q, 1.0)), 0.0)
+  value = jnp.min(dual.b + lam[:, None] * rates, axis=-1)
+  return q, jnp.where(ok & jnp.isfinite(value), value, -jnp.inf)
+
+
+def _normalise(ws: jax.Array) -> jax.Array:
+  """Rows clipped to w >= 0 and scaled to sum to 1 (all-zero rows stay zero)."""
+  ws = jnp.maximum(ws, 0.0)
+  sums = jnp.sum(ws, axis=1, keepdims=True)
+  return jnp.where(sums > 0, ws / jnp.where(sums > 0, sums, 1.0), 0.0)
+
+
+def _solve(dual: _Dual, extra: list[jax.Array], k: int, max_exact_streams: int, steps: int):
+  """Best candidate (by primal value) among v = g0, the rows of ``extra``, every face
+  (K <= max_exact_streams) or else the active-set polish of the last extra row.
+  Returns (w, ||g_w||^2, value); w = 0 stands for v = g0. Around w_ref = 0 (the plain
+  Gram) ||g_w||^2 below eps is rounding; around a point read off the vectors it is not,
+  and the caller decides what a tiny ||g_w|| means."""
+  dtype = dual.gh.dtype
+  tiny = jnp.finfo(dtype).eps
+  floor = jnp.where(jnp.any(dual.w_ref != 0), 0.0, tiny)
+  candidates = [jnp.zeros((1, k), dtype), *extra]
+  if k <= max_exact_streams:
+    candidates.append(_face_points(dual, jnp.asarray(_face_masks(k), dtype)))
+  elif extra:
+    # Every face within the max_exact_streams largest weights of the iterate, then
+    # active-set steps from the best of them (which can still add streams).
+    start = extra[-1][0]
+    top = jnp.argsort(-start)[: min(max_exact_streams, k)]
+    ranked = jnp.asarray(_face_masks(len(top)), dtype) if len(top) else jnp.zeros((0, 0), dtype)
+    faces = _normalise(
+      _face_points(dual, jnp.zeros((len(ranked), k), dtype).at[:, top].set(ranked))
+    )
+    ws = _normalise(jnp.concatenate([start[None], faces], axis=0))
+    _, values = _evaluate(dual, ws, floor)
+    candidates.append(_polish(dual, ws[jnp.argmax(values)], steps, tiny)[None])
+  ws = _normalise(jnp.concatenate(candidates, axis=0))
+  qs, values = _evaluate(dual, ws, floor)
+  values = values.at[0].set(jnp.min(dual.b))  # w = 0 stands for v = g0
+  best = jnp.argmax(values)
+  keep_g0 = dual.big_c <= 0
+  return jnp.where(keep_g0, 0.0, ws[best]), jnp.where(keep_g0, 0.0, qs[best]), values[best]
+
+
+def _gram_solve(gh, a, c, *, num_iters, init_weights, max_exact_streams, polish_steps):
+  """The dual from the (normalised) Gram alone: faces, or FISTA then active-set polish."""
+  k = gh.shape[0]
+  dual = _gram_dual(gh, a, c)
+  extra = []
+  if k >= 3 and num_iters > 0:
+    tiny = jnp.finfo(gh.dtype).eps
+    w0 = jnp.full((k,), 1.0 / k, gh.dtype)
+    if init_weights is not None:
+      prev = init_weights.astype(gh.dtype)
+      w0 = jnp.where(jnp.sum(prev) > 0, prev / jnp.maximum(jnp.sum(prev), tiny), w0)
+    extra.append(_pgd(gh, dual.b, dual.big_c, w0, num_iters, tiny)[None])
+  return _solve(dual, extra, k, max_exact_streams, polish_steps)
 
 
 def solve_dual(
@@ -168,43 +320,37 @@ def solve_dual(
   num_iters: int = 100,
   init_weights: jax.Array | None = None,
   max_exact_streams: int = 8,
+  polish_steps: int = 8,
 ) -> UVSSolution:
   """Solves the UVS dual (Eq. 15) from the stream Gram matrix.
 
   Works on G / max_j ||g_j||^2, so the result does not depend on the gradient scale.
   Returns the candidate with the best primal value among: v = g0 itself, the closed
-  form on every face (K <= max_exact_streams) and the PGD iterate (K >= 3).
+  form on every face (K <= max_exact_streams), the PGD iterate (K >= 3) and, for
+  K > max_exact_streams, its active-set polish (``polish_steps`` steps).
   """
   k = gram.shape[0]
   dtype = st.compute_dtype(gram.dtype)
   gram = gram.astype(dtype)
-  tiny = jnp.finfo(dtype).eps
   a = jnp.asarray(reduction_vector(k, reduction), dtype)
   scale = jnp.max(jnp.diagonal(gram))
   nonzero = scale > 0
   gh = gram / jnp.where(nonzero, scale, 1.0)
-  b = gh @ a
-  big_c = c * jnp.sqrt(jnp.maximum(a @ b, 0.0))
-
-  candidates = [jnp.zeros((1, k), dtype)]
-  if k <= max_exact_streams:
-    candidates.append(_face_candidates(gh, b, big_c, jnp.asarray(_face_masks(k), dtype), tiny))
-  if k >= 3 and num_iters > 0:
-    w0 = jnp.full((k,), 1.0 / k, dtype)
-    if init_weights is not None:
-      prev = init_weights.astype(dtype)
-      w0 = jnp.where(jnp.sum(prev) > 0, prev / jnp.maximum(jnp.sum(prev), tiny), w0)
-    candidates.append(_pgd(gh, b, big_c, w0, num_iters, tiny)[None])
-  ws = jnp.concatenate(candidates, axis=0)
-  sums = jnp.sum(ws, axis=1, keepdims=True)
-  ws = jnp.where(sums > 0, ws / jnp.where(sums > 0, sums, 1.0), 0.0)
-  alphas, values = _primal(gh, a, big_c, ws, tiny)
-  values = values.at[0].set(jnp.min(b))  # w = 0 stands for v = g0
-  best = jnp.argmax(values)
-  keep_g0 = ~nonzero | (big_c <= 0)
-  weights = jnp.where(keep_g0, 0.0, ws[best])
-  coeffs = jnp.where(keep_g0, a, alphas[best])
-  return UVSSolution(weights, coeffs, jnp.where(keep_g0, gram @ a, gram @ coeffs).min())
+  w, q, _ = _gram_solve(
+    gh,
+    a,
+    c,
+    num_iters=num_iters,
+    init_weights=init_weights,
+    max_exact_streams=max_exact_streams,
+    polish_steps=polish_steps,
+  )
+  ok = nonzero & (q > 0)
+  big_c = c * _safe_sqrt(a @ gh @ a)
+  lam = jnp.where(ok, big_c / _safe_sqrt(jnp.where(ok, q, 1.0)), 0.0)
+  weights = jnp.where(ok, w, 0.0)
+  coeffs = a + lam * weights
+  return UVSSolution(weights, coeffs, jnp.min(gram @ coeffs))
 
 
 def _safe_gram(updates):
@@ -221,26 +367,38 @@ def _safe_gram(updates):
   return jax.lax.cond(usable, lambda _: (gram, jnp.ones((), gram.dtype)), rescaled, None)
 
 
-def _norms(updates, gram, scale, a, w):
-  """||g0|| and ||g_w|| (in units of scale): read off the Gram matrix unless
-  cancellation made that inaccurate (the norm is below a tenth of its triangle bound
-  sum_j w_j ||g_j||), in which case they are computed from the combined vectors."""
-  root = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
-  q0, qw = a @ gram @ a, w @ gram @ w
-  accurate = (q0 >= 1e-2 * (a @ root) ** 2) & (qw >= 1e-2 * (w @ root) ** 2)
+def _vector_solve(updates, unit, gh, a, c, w, *, max_exact_streams, polish_steps):
+  """Re-solves the dual around w with b, ||g0|| and g_w read from the vectors.
 
-  def from_gram(_):
-    return jnp.sqrt(jnp.maximum(q0, 0.0)), jnp.sqrt(jnp.maximum(qw, 0.0))
+  Where the streams nearly cancel (e.g. 1 + cos(g_1, g_2) ~ 1e-6), the Gram's entries
+  lose the small quantities the dual depends on (||g0||^2, <g_j, g0>, ||g_w||^2) to
+  rounding of the large ones. One combine pass builds g0 and g_w (scaled by ``unit``)
+  and one pass takes their inner products with the streams; the faces (or active-set
+  steps) around w then only read the Gram along small displacements.
+  Returns (w, ||g0||^2, ||g_w||^2) in the Gram's units.
+  """
+  k = gh.shape[0]
+  w_ref = jnp.where(jnp.sum(w) > 0, w, a / jnp.sum(a))
+  inv = 1.0 / unit
+  extras = st.combine(updates, jnp.stack([a, w_ref]) * inv, keep_dtype=False)
+  cross = st.cross_gram(updates, extras, unit)
+  inner = st.gram_matrix(extras)
+  q0 = inner[0, 0]
+  dual = _Dual(gh, cross[:, 0], c * _safe_sqrt(q0), w_ref, inner[1, 1], cross[:, 1])
+  w, q, _ = _solve(dual, [w_ref[None]], k, max_exact_streams, polish_steps)
+  return w, q0, q
 
-  def from_vectors(_):
-    norms = [st.tree_norm(st.combine(updates, x, keep_dtype=False), scale) for x in (a, w)]
-    return tuple(n.astype(gram.dtype) for n in norms)
 
-  return jax.lax.cond(accurate, from_gram, from_vectors, None)
+def _static(value, cast):
+  """value as a Python number, or None when it is traced (e.g. a scheduled hyperparameter)."""
+  try:
+    return cast(value)
+  except TypeError:
+    return None
 
 
 def uvs(
-  c: float = 0.5,
+  c: float | jax.Array = 0.5,
   *,
   num_streams: int = 2,
   reduction: str = "sum",
@@ -248,29 +406,52 @@ def uvs(
   num_iters: int = 100,
   warm_start: bool = True,
   max_exact_streams: int = 8,
+  polish_steps: int = 8,
 ) -> optax.GradientTransformation:
   """Update Vector Search as an optax transformation: stacked [K, ...] -> [...].
 
   Args:
     c: radius of the search ball relative to ||g0|| (Eq. 9); the paper uses 0.5.
-      c = 0 returns g0 unchanged.
+      c = 0 returns g0 unchanged. May be a traced value, to schedule it:
+      ``optax.inject_hyperparams(uvs, static_args=STATIC_ARGS)(c=schedule)``
+      (inject_hyperparams would otherwise trace the integer options too).
     num_streams: K, the size of the leading stream axis of every update leaf.
     reduction: "sum" (paper Eq. 3, default) or "mean" (CAGrad) for g0.
     rescale: "none" (paper), "1/(1+c)" or "1/(1+c^2)" (CAGrad code's variants).
     num_iters: PGD iterations for K >= 3 (fixed, so the step compiles once).
     warm_start: start PGD from the previous step's weights kept in the state.
     max_exact_streams: solve every simplex face in closed form up to this K
-      (2^K - 1 faces).
+      (2^K - 1 faces); above it, PGD then ``polish_steps`` active-set steps.
+    polish_steps: active-set steps after PGD for K > max_exact_streams.
 
   Returns:
     A GradientTransformation whose ``init`` takes the (unstacked) params and whose
     ``update`` maps stacked stream gradients to v = g0 + c ||g0|| g_w / ||g_w|| (Eq. 14).
+    Where the Gram matrix is cancelled (||g0|| or ||g_w|| below a tenth of its triangle
+    bound, e.g. nearly opposite streams), the dual is solved again around the Gram's
+    solution from quantities read off the vectors (two more passes, in a lax.cond).
     When ||g_w|| is below sqrt(eps) * max_j ||g_j|| (a convex combination of the
     streams vanishes within float precision: the streams are Pareto-stationary and
-    the direction of g_w is noise), the update is g0. Never NaN for finite inputs.
+    the direction of g_w is noise), the update is g0. Never NaN for finite inputs;
+    differentiable (jax.grad of a function of the update is finite).
   """
-  if c < 0:
+  c_value = _static(c, float)
+  if c_value is not None and c_value < 0:
     raise ValueError(f"c must be >= 0, got {c}")
+  for name, value in (
+    ("num_streams", num_streams),
+    ("num_iters", num_iters),
+    ("max_exact_streams", max_exact_streams),
+    ("polish_steps", polish_steps),
+  ):
+    if _static(value, int) is None:
+      raise ValueError(
+        f"uvs({name}=...) got a traced value: only c can be scheduled. "
+        "optax.inject_hyperparams treats every numeric argument as a hyperparameter; "
+        "use optax.inject_hyperparams(uvs, static_args=csdfd_jax.transforms.uvs.STATIC_ARGS)."
+      )
+  num_streams, num_iters = int(num_streams), int(num_iters)
+  max_exact_streams, polish_steps = int(max_exact_streams), int(polish_steps)
   a_np = reduction_vector(num_streams, reduction)
   factor = rescale_factor(c, rescale)
 
@@ -291,27 +472,29 @@ def uvs(
         f"uvs(num_streams={num_streams}) got updates whose leading stream axis is "
         f"{k}. Pass num_streams={k}, or stack exactly {num_streams} stream gradients."
       )
-    a = jnp.asarray(a_np, jnp.float32)
-    if c == 0:
-      return st.combine(updates, a * factor), state
+    if c_value == 0:
+      return st.combine(updates, jnp.asarray(a_np * factor, jnp.float32)), state
     gram, scale = _safe_gram(updates)
-    sol = solve_dual(
-      gram,
-      c,
-      reduction,
-      num_iters=num_iters,
-      init_weights=state.weights if warm_start else None,
-      max_exact_streams=max_exact_streams,
-    )
-    a = a.astype(gram.dtype)
-    norm_0, norm_w = _norms(updates, gram, scale, a, sol.weights)
-    floor = jnp.sqrt(jnp.finfo(gram.dtype).eps * jnp.max(jnp.diagonal(gram)))
-    ok = norm_w > floor
-    lam = jnp.where(ok, c * norm_0 / jnp.where(ok, norm_w, 1.0), 0.0)
-    weights = jnp.where(ok, sol.weights, 0.0)
+    dtype = gram.dtype
+    a = jnp.asarray(a_np, dtype)
     top = jnp.max(jnp.diagonal(gram))
-    unit_gram = gram / jnp.where(top > 0, top, 1.0)
-    new_state = UVSState(weights.astype(jnp.float32), unit_gram.astype(jnp.float32))
+    gh = gram / jnp.where(top > 0, top, 1.0)
+    options = dict(max_exact_streams=max_exact_streams, polish_steps=polish_steps)
+    init = state.weights if warm_start else None
+    w, qw, _ = _gram_solve(gh, a, c, num_iters=num_iters, init_weights=init, **options)
+    root = _safe_sqrt(jnp.diagonal(gh))
+    q0 = a @ gh @ a
+    accurate = (q0 >= 1e-2 * (a @ root) ** 2) & (qw >= 1e-2 * (w @ root) ** 2)
+    unit = scale * _safe_sqrt(top)
+    w, q0, qw = jax.lax.cond(
+      accurate,
+      lambda: (w, q0, qw),
+      lambda: _vector_solve(updates, unit, gh, a, c, w, **options),
+    )
+    ok = (qw > jnp.finfo(dtype).eps) & (c > 0)
+    lam = jnp.where(ok, c * _safe_sqrt(q0) / _safe_sqrt(jnp.where(ok, qw, 1.0)), 0.0)
+    weights = jnp.where(ok, w, 0.0)
+    new_state = UVSState(weights.astype(jnp.float32), gh.astype(jnp.float32))
     return st.combine(updates, (a + lam * weights) * factor), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
