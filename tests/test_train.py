@@ -67,10 +67,26 @@ def test_every_method_trains_and_eval_reads_its_checkpoint(records, tmp_path, me
     assert "uvs_weight/0" in rows[0]
   if method in ("cgr", "csdfd"):
     assert "cgr_correction_ratio" in rows[0]
-  sets = [eval_lib.TestSet("demo", records, "test", ("demo",))]
-  runs, paths = eval_lib.evaluate([workdir], sets, str(tmp_path / "eval"), which="last")
+  sets = [
+    eval_lib.TestSet("demo", records, "test", ("demo",)),
+    eval_lib.TestSet("demo_unseen", records, "test", ("demo_unseen",)),
+  ]
+  runs, paths = eval_lib.evaluate(
+    [workdir], sets, str(tmp_path / "eval"), which="last", gradcam=False
+  )
   assert runs[0]["step"] == 2 and runs[0]["sets"]["demo"]["data"]["faces"] > 0
-  assert os.path.isfile(paths["md"]) and os.path.isfile(paths["json"])
+  # The table files carry exactly the JSON's numbers (video AUC in %, target average).
+  with open(paths["json"]) as f:
+    saved = json.load(f)["runs"][0]["sets"]
+  aucs = [saved[n]["video"]["auc"] * 100 for n in ("demo", "demo_unseen")]
+  with open(paths["csv"]) as f:
+    header, row = [line.strip().split(",") for line in f]
+  assert header[3:] == ["demo", "demo_unseen", "avg (targets)"]
+  assert row[3:] == [f"{aucs[0]:.2f}", f"{aucs[1]:.2f}", f"{aucs[1]:.2f}"]
+  with open(paths["md"]) as f:
+    assert f"| {aucs[0]:.2f} | {aucs[1]:.2f} |" in f.read()
+  with open(paths["tex"]) as f:
+    assert f"{aucs[0]:.2f} & {aucs[1]:.2f}" in f.read()
 
 
 def test_a_run_killed_mid_way_resumes_bitwise(records, tmp_path):
