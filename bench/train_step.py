@@ -1,0 +1,227 @@
+"""Time per train step: CS-DFD vs O+S in JAX, and O+S in JAX vs the same step in PyTorch (timm).
+
+Three steps at equal images per step (B per stream, 2B per step), timed in one run:
+
+  csdfd        the project's step (``methods.step.make_train_step``) with ``methods.get("csdfd")``:
+               per-stream gradients, CGR on phi, UVS on the rest, then SGD (momentum 0.9)
+  O+S          the same step with ``methods.get("O+S")``: the summed stream gradients, then SGD
+  torch O+S    PyTorch eager, timm backbone + Linear projection (phi) + Linear classifier, each
+               stream's forward on its own sub-batch, one backward of the summed BCE losses, SGD
+
+Both frameworks run the same architecture (``Detector``: uint8 input normalised inside the model
+with the variant's mean/std, backbone, phi of ``--proj`` units, one logit) from random weights,
+dropout and drop-path off. JAX steps are one ``jax.jit`` with the state donated; every step ends
+with ``block_until_ready`` (JAX) / a synchronisation (CUDA). The steps are interleaved (csdfd,
+O+S, torch, csdfd, ...) so machine noise hits them alike; each round times ``--iters`` steps and
+the median over ``--rounds`` rounds is reported, compile / warm-up excluded. Ratios: csdfd/O+S
+(the issue's target is <= 1.05x, the paper reports +2%) and JAX O+S / torch O+S (time per step:
+below 1 means JAX is faster).
+
+  python bench/train_step.py [--variant efficientnet_b0] [--size 128] [--batch 8] [--rounds 3]
+                             [--iters 2] [--no-torch] [--device auto|cpu|gpu] [--dtype float32]
+  B4 as in the paper: --variant tf_efficientnet_b4 --size 256 --batch 16  (or --size 380)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from csdfd_jax import methods
+from csdfd_jax.methods.step import create_train_state, make_train_step
+from csdfd_jax.models import efficientnet
+from csdfd_jax.models.heads import Detector
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "effnet.py"
+
+
+def effnet_config():
+  """``configs/effnet.py``'s default config (the paper's c and tau), loaded from its file."""
+  spec = importlib.util.spec_from_file_location("effnet_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def pick_device(name: str) -> str:
+  """ "cpu" or "gpu"; "auto" is the GPU when JAX sees one."""
+  if name == "auto":
+    return "gpu" if jax.default_backend() == "gpu" else "cpu"
+  return name
+
+
+def random_batch(streams, batch: int, size: int, seed: int = 0) -> dict:
+  """uint8 images and alternating real/fake labels per stream, as the pipeline yields them."""
+  rng = np.random.default_rng(seed)
+  return {
+    s: {
+      "image": rng.integers(0, 256, (batch, size, size, 3), np.uint8),
+      "label": np.tile(np.array([0, 1], np.int32), batch // 2 + 1)[:batch],
+    }
+    for s in streams
+  }
+
+
+class JaxStep:
+  """The project's jitted, donated train step of ``method`` on an EfficientNet ``Detector``."""
+
+  def __init__(self, variant, method, *, size, batch, device, dtype=jnp.float32, proj=512):
+    config = effnet_config()
+    backbone = efficientnet.create(
+      variant, num_classes=0, dtype=dtype, drop_rate=0.0, drop_path_rate=0.0
+    )
+    prep = efficientnet.preprocessing(variant)
+    model = Detector(backbone, prep["mean"], prep["std"], projection_dims=(proj,), dtype=dtype)
+    m = methods.get(method, config)
+    tx = optax.chain(m.transform, optax.sgd(1e-3, momentum=0.9))
+    self.device = jax.devices(device)[0]
+    with jax.default_device(self.device):
+      variables = jax.jit(partial(model.init, train=False))(
+        jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.uint8)
+      )
+      variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+      state = create_train_state(variables, tx, jax.random.key(1))
+      # Fresh buffers per leaf: optimizer states may alias arrays, and the step donates them.
+      state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+    # Committed like the step's outputs: otherwise the second call compiles the step again.
+    self.state = jax.device_put(state, self.device)
+    self.batch = jax.device_put(random_batch(m.streams, batch, size), self.device)
+    self.step = jax.jit(make_train_step(model, tx, m.streams), donate_argnums=0)
+    self.images_per_step = batch * len(m.streams)
+
+  def run(self, iters: int) -> None:
+    for _ in range(iters):
+      self.state, metrics = self.step(self.state, self.batch)
+      jax.block_until_ready(metrics)
+
+
+class TorchStep:
+  """O+S in PyTorch eager: timm backbone + projection + classifier, summed per-stream BCE, SGD."""
+
+  def __init__(self, variant, *, size, batch, device, proj=512):
+    import timm
+    import torch
+
+    self.torch = torch
+    self.device = torch.device(device)
+    torch.manual_seed(0)
+    backbone = timm.create_model(
+      variant, pretrained=False, num_classes=0, drop_rate=0.0, drop_path_rate=0.0
+    )
+    prep = efficientnet.preprocessing(variant)
+    self.mean = torch.tensor(prep["mean"], device=self.device).view(1, 3, 1, 1) * 255
+    self.std = torch.tensor(prep["std"], device=self.device).view(1, 3, 1, 1) * 255
+    self.model = torch.nn.Sequential(
+      backbone, torch.nn.Linear(backbone.num_features, proj), torch.nn.Linear(proj, 1)
+    )
+    self.model.to(self.device).train()
+    self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+    self.batch = {
+      s: (
+        torch.from_numpy(b["image"]).permute(0, 3, 1, 2).contiguous().to(self.device),
+        torch.from_numpy(b["label"]).float().to(self.device),
+      )
+      for s, b in random_batch(("o", "s"), batch, size).items()
+    }
+    self.images_per_step = 2 * batch
+
+  def run(self, iters: int) -> None:
+    torch = self.torch
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    for _ in range(iters):
+      self.opt.zero_grad(set_to_none=True)
+      loss = 0.0
+      for images, labels in self.batch.values():
+        x = (images.float() - self.mean) / self.std
+        loss = loss + bce(self.model(x)[:, 0], labels)
+      loss.backward()
+      self.opt.step()
+      if self.device.type == "cuda":
+        torch.cuda.synchronize()
+      loss.item()
+
+
+def time_rounds(runners: dict, rounds: int, iters: int) -> dict[str, list[float]]:
+  """Seconds per step of each runner, ``rounds`` interleaved rounds of ``iters`` steps."""
+  times = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, runner in runners.items():
+      start = time.perf_counter()
+      runner.run(iters)
+      times[name].append((time.perf_counter() - start) / iters)
+  return times
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--variant", default="efficientnet_b0", help="timm EfficientNet name")
+  parser.add_argument("--size", type=int, default=128, help="input side in pixels")
+  parser.add_argument("--batch", type=int, default=8, help="images per stream (2 streams)")
+  parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+  parser.add_argument("--iters", type=int, default=2, help="steps per timed round")
+  parser.add_argument("--proj", type=int, default=512, help="width of phi")
+  parser.add_argument("--no-torch", action="store_true", help="only csdfd vs O+S")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+  args = parser.parse_args()
+  if args.batch < 2 or args.batch % 2:
+    raise SystemExit("--batch must be even (half real, half fake per stream)")
+  device = pick_device(args.device)
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  shape = dict(size=args.size, batch=args.batch, device=device)
+
+  runners, compile_s = {}, {}
+  for method in ("csdfd", "O+S"):
+    start = time.perf_counter()
+    runners[method] = JaxStep(args.variant, method, dtype=dtype, proj=args.proj, **shape)
+    runners[method].run(1)
+    compile_s[method] = time.perf_counter() - start
+  if not args.no_torch:
+    import torch
+
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    if args.dtype != "float32":
+      raise SystemExit("the torch peer runs float32 only: pass --no-torch with --dtype bfloat16")
+    start = time.perf_counter()
+    runners["torch O+S"] = TorchStep(
+      args.variant, proj=args.proj, **shape | {"device": torch_device}
+    )
+    runners["torch O+S"].run(1)
+    compile_s["torch O+S"] = time.perf_counter() - start
+    torch_info = (
+      f"; torch {torch.__version__} on {torch_device} ({torch.get_num_threads()} threads)"
+    )
+  else:
+    torch_info = ""
+
+  print(
+    f"device: {device} ({jax.devices(device)[0].device_kind}); jax {jax.__version__}{torch_info}"
+  )
+  print(
+    f"{args.variant} {args.size}px {args.dtype}, {args.batch} images per stream x 2 streams = "
+    f"{2 * args.batch} images per step; phi {args.proj}; {args.rounds} rounds x {args.iters} steps"
+  )
+  times = time_rounds(runners, args.rounds, args.iters)
+  med = {name: statistics.median(t) for name, t in times.items()}
+  print(f"{'step':<11}{'ms/step':>10}{'img/s':>9}{'setup+compile s':>17}   rounds ms/step")
+  for name, t in times.items():
+    ips = runners[name].images_per_step / med[name]
+    rounds = " ".join(f"{1e3 * x:.0f}" for x in t)
+    print(f"{name:<11}{1e3 * med[name]:>10.1f}{ips:>9.2f}{compile_s[name]:>17.1f}   {rounds}")
+  print(f"csdfd / O+S (JAX), time per step: {med['csdfd'] / med['O+S']:.3f}x (target <= 1.05x)")
+  if "torch O+S" in med:
+    ratio = med["O+S"] / med["torch O+S"]
+    print(f"JAX O+S / torch O+S, time per step: {ratio:.3f}x (below 1: JAX faster)")
+
+
+if __name__ == "__main__":
+  main()
