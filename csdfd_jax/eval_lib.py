@@ -266,7 +266,8 @@ def plot_training_curves(workdirs: list[str], out_dir: str) -> list[str]:
     ax.set(xlabel="step", title=title)
     if key == ("stream_cosine",):
       ax.axhline(0, color="k", lw=0.6)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # single-stream runs have no cosine to plot
+      ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out_dir, fname)
     fig.savefig(path, dpi=120)
