@@ -3,8 +3,6 @@ variants, strict key mapping, bfloat16 compute. (Drop path is the ViT tests' hel
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,9 +11,14 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
+
+import backbone_parity as bp  # noqa: E402
+
 from csdfd_jax.models import convnext  # noqa: E402
 from csdfd_jax.models.resnet import abstract_variables, param_count  # noqa: E402
 from csdfd_jax.models.weights import WeightMappingError  # noqa: E402
+
+_eval_both, _matmul_dtypes, _state = bp.eval_both, bp.matmul_dtypes, bp.state
 
 TOL = dict(rtol=1e-3, atol=1e-4)
 
@@ -36,35 +39,6 @@ def _timm(name: str, variant: str | None = None, num_classes: int = 10) -> torch
       elif p.ndim == 1:  # LayerNorm weights
         p.normal_(1.0, 0.2)
   return model.eval()
-
-
-def _state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def _eval_both(model, variables, x):
-  """Logits (+ intermediates) and pooled features in one compilation (XLA shares the trunk)."""
-  logits = functools.partial(model.apply, mutable=["intermediates"])
-  return jax.jit(lambda v, x: (logits(v, x), model.clone(num_classes=0).apply(v, x)))(variables, x)
-
-
-def _matmul_dtypes(model, variables, x) -> set[str]:
-  """Operand dtypes of every convolution and matrix product the forward pass traces."""
-  found = set()
-
-  def visit(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-        found.update(str(v.aval.dtype) for v in eqn.invars)
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, tuple | list) else [param]:
-          if hasattr(sub, "eqns"):
-            visit(sub)
-          elif hasattr(sub, "jaxpr"):
-            visit(sub.jaxpr)
-
-  visit(jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x).jaxpr)
-  return found
 
 
 def _check_parity(tmodel, variables, model, size=64):

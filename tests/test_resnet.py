@@ -14,8 +14,13 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
+
+import backbone_parity as bp  # noqa: E402
+
 from csdfd_jax.models import resnet  # noqa: E402
 from csdfd_jax.models.weights import WeightMappingError  # noqa: E402
+
+_apply, _eval_both, _matmul_dtypes, _state = bp.apply, bp.eval_both, bp.matmul_dtypes, bp.state
 
 TOL = dict(rtol=1e-3, atol=1e-4)
 
@@ -31,40 +36,6 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
         m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
   return model
-
-
-def _state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def _apply(model, variables, x, **kw):
-  """Jitted apply: one compilation is much faster than eager op-by-op dispatch on CPU."""
-  return jax.jit(functools.partial(model.apply, **kw))(variables, x)
-
-
-def _eval_both(model, variables, x):
-  """Logits (+ intermediates) and pooled features in one compilation (XLA shares the trunk)."""
-  logits = functools.partial(model.apply, mutable=["intermediates"])
-  return jax.jit(lambda v, x: (logits(v, x), model.clone(num_classes=0).apply(v, x)))(variables, x)
-
-
-def _matmul_dtypes(model, variables, x) -> set[str]:
-  """Operand dtypes of every convolution and matrix product the forward pass traces."""
-  found = set()
-
-  def visit(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-        found.update(str(v.aval.dtype) for v in eqn.invars)
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, tuple | list) else [param]:
-          if hasattr(sub, "eqns"):
-            visit(sub)
-          elif hasattr(sub, "jaxpr"):
-            visit(sub.jaxpr)
-
-  visit(jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x).jaxpr)
-  return found
 
 
 def _check_parity(tmodel, variables, flax_model, size=48, batch=3):

@@ -13,9 +13,14 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
+
+import backbone_parity as bp  # noqa: E402
+
 from csdfd_jax.models import xception  # noqa: E402
 from csdfd_jax.models.resnet import abstract_variables, param_count, variables_from_torch  # noqa: E402
 from csdfd_jax.models.weights import WeightMappingError  # noqa: E402
+
+_apply, _eval_both, _matmul_dtypes = bp.apply, bp.eval_both, bp.matmul_dtypes
 
 TOL = dict(rtol=1e-3, atol=1e-4)
 
@@ -39,35 +44,6 @@ def _torch_model(state: dict[str, np.ndarray]) -> torch.nn.Module:
   model = timm.create_model("legacy_xception", pretrained=False, num_classes=10)
   model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
   return model
-
-
-def _apply(model, variables, x, **kw):
-  return jax.jit(functools.partial(model.apply, **kw))(variables, x)
-
-
-def _eval_both(model, variables, x):
-  """Logits (+ intermediates) and pooled features in one compilation (XLA shares the trunk)."""
-  logits = functools.partial(model.apply, mutable=["intermediates"])
-  return jax.jit(lambda v, x: (logits(v, x), model.clone(num_classes=0).apply(v, x)))(variables, x)
-
-
-def _matmul_dtypes(model, variables, x) -> set[str]:
-  """Operand dtypes of every convolution and matrix product the forward pass traces."""
-  found = set()
-
-  def visit(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-        found.update(str(v.aval.dtype) for v in eqn.invars)
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, tuple | list) else [param]:
-          if hasattr(sub, "eqns"):
-            visit(sub)
-          elif hasattr(sub, "jaxpr"):
-            visit(sub.jaxpr)
-
-  visit(jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x).jaxpr)
-  return found
 
 
 def test_timm_parity_full_size_small_input():
