@@ -5,6 +5,9 @@ Three steps at equal images per step (B per stream, 2B per step), timed in one r
   csdfd        the project's step (``methods.step.make_train_step``) with ``methods.get("csdfd")``:
                per-stream gradients, CGR on phi, UVS on the rest, then SGD (momentum 0.9)
   O+S          the same step with ``methods.get("O+S")``: the summed stream gradients, then SGD
+  upd csdfd,   only the optimizer part of the two steps above (transform + SGD + apply) on fixed
+  upd O+S      random stacked gradients: their difference is csdfd's extra cost, measured without
+               the forward/backward noise of the full step
   torch O+S    PyTorch eager, timm backbone + Linear projection (phi) + Linear classifier, each
                stream's forward on its own sub-batch, one backward of the summed BCE losses, SGD
 
@@ -97,11 +100,44 @@ class JaxStep:
     self.batch = jax.device_put(random_batch(m.streams, batch, size), self.device)
     self.step = jax.jit(make_train_step(model, tx, m.streams), donate_argnums=0)
     self.images_per_step = batch * len(m.streams)
+    self.tx, self.streams = tx, m.streams
 
   def run(self, iters: int) -> None:
     for _ in range(iters):
       self.state, metrics = self.step(self.state, self.batch)
       jax.block_until_ready(metrics)
+
+
+class JaxUpdate:
+  """Only the optimizer part of ``step``: ``tx.update`` of fixed random stacked gradients
+  [K, ...] (the method's transform, then SGD) and ``apply_updates``, jitted and donated.
+  The difference between two methods' rows is their update's cost, free of the forward and
+  backward passes that dominate (and add noise to) the full step."""
+
+  def __init__(self, step: JaxStep):
+    params, opt_state = step.state.params, step.state.opt_state
+    k = len(step.streams)
+    keys = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(params))))
+    grads = jax.tree.map(
+      lambda p: 1e-3 * jax.random.normal(next(keys), (k, *p.shape), p.dtype), params
+    )
+    self.grads = jax.device_put(grads, step.device)
+    fresh = jax.tree.map(lambda x: jnp.array(x, copy=True), (params, opt_state))
+    self.state = jax.device_put(fresh, step.device)
+    tx = step.tx
+
+    def update(state, grads):
+      params, opt_state = state
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    self.update = jax.jit(update, donate_argnums=0)
+    self.images_per_step = None
+
+  def run(self, iters: int) -> None:
+    for _ in range(iters):
+      self.state = self.update(self.state, self.grads)
+      jax.block_until_ready(self.state)
 
 
 class TorchStep:
@@ -185,6 +221,11 @@ def main() -> None:
     runners[method] = JaxStep(args.variant, method, dtype=dtype, proj=args.proj, **shape)
     runners[method].run(1)
     compile_s[method] = time.perf_counter() - start
+  for method in ("csdfd", "O+S"):
+    start = time.perf_counter()
+    runners[f"upd {method}"] = JaxUpdate(runners[method])
+    runners[f"upd {method}"].run(1)
+    compile_s[f"upd {method}"] = time.perf_counter() - start
   if not args.no_torch:
     import torch
 
@@ -212,12 +253,19 @@ def main() -> None:
   )
   times = time_rounds(runners, args.rounds, args.iters)
   med = {name: statistics.median(t) for name, t in times.items()}
-  print(f"{'step':<11}{'ms/step':>10}{'img/s':>9}{'setup+compile s':>17}   rounds ms/step")
+  print(f"{'step':<12}{'ms/step':>10}{'img/s':>9}{'setup+compile s':>17}   rounds ms/step")
   for name, t in times.items():
-    ips = runners[name].images_per_step / med[name]
-    rounds = " ".join(f"{1e3 * x:.0f}" for x in t)
-    print(f"{name:<11}{1e3 * med[name]:>10.1f}{ips:>9.2f}{compile_s[name]:>17.1f}   {rounds}")
+    n = runners[name].images_per_step
+    ips = f"{n / med[name]:.2f}" if n else "-"
+    rounds = " ".join(f"{1e3 * x:.1f}" for x in t)
+    print(f"{name:<12}{1e3 * med[name]:>10.1f}{ips:>9}{compile_s[name]:>17.1f}   {rounds}")
   print(f"csdfd / O+S (JAX), time per step: {med['csdfd'] / med['O+S']:.3f}x (target <= 1.05x)")
+  extra = med["upd csdfd"] - med["upd O+S"]
+  print(
+    f"update only: csdfd {1e3 * med['upd csdfd']:.1f} ms vs O+S {1e3 * med['upd O+S']:.1f} ms; "
+    f"the difference is {100 * extra / med['O+S']:.1f}% of the O+S step, i.e. csdfd / O+S "
+    f"= {1 + extra / med['O+S']:.3f}x from the update alone"
+  )
   if "torch O+S" in med:
     ratio = med["O+S"] / med["torch O+S"]
     print(f"JAX O+S / torch O+S, time per step: {ratio:.3f}x (below 1: JAX faster)")

@@ -68,7 +68,15 @@ def test_stacked_gradients_equal_separate_per_stream_passes():
   tx = optax.GradientTransformation(lambda p: optax.EmptyState(), spy)
   state = init_state(model, tx)
   batch = random_batch(0)
-  new_state, _ = make_train_step(model, tx, ("o", "s"))(state, batch)
+  new_state, logged = make_train_step(model, tx, ("o", "s"))(state, batch)
+
+  # The logged norms (read from the stream Gram matrix) are those of the captured gradients.
+  norm = lambda tree: float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree))))  # noqa: E731
+  summed = jax.tree.map(lambda g: np.asarray(g).sum(0), capture["g"])
+  np.testing.assert_allclose(float(logged["grad_norm"]), norm(summed), rtol=1e-5)
+  for k, s in enumerate(("o", "s")):
+    per_stream = jax.tree.map(lambda g, k=k: np.asarray(g)[k], capture["g"])
+    np.testing.assert_allclose(float(logged[f"grad_norm/{s}"]), norm(per_stream), rtol=1e-5)
 
   stats_per_stream = []
   for k, s in enumerate(("o", "s")):
@@ -126,6 +134,21 @@ def test_sum_method_update_is_the_summed_gradient():
     outs.append(state.params)
   for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_sum_streams_reduces_the_stream_axis(k, reduction):
+  from csdfd_jax.methods.erm import sum_streams
+
+  rng = np.random.default_rng(k)
+  tree = {"a": rng.normal(size=(k, 3, 4)).astype(np.float32), "b": rng.normal(size=(k,))}
+  out, _ = sum_streams(reduction).update(tree, optax.EmptyState())
+  reduce = np.sum if reduction == "sum" else np.mean
+  for key in tree:
+    np.testing.assert_allclose(out[key], reduce(tree[key], axis=0), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="reduction"):
+    sum_streams("max")
 
 
 def test_non_finite_step_keeps_the_state():

@@ -8,10 +8,10 @@ conflict (Eq. 4-5).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from csdfd_jax.methods import Method
+from csdfd_jax.transforms import stream_sum
 
 STREAMS = {"O": ("o",), "S": ("s",), "O+S": ("o", "s")}
 
@@ -20,11 +20,14 @@ def sum_streams(reduction: str = "sum") -> optax.GradientTransformation:
   """Stacked [K, ...] updates -> their sum (the gradient of Eq. 3) or mean over streams."""
   if reduction not in ("sum", "mean"):
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-  reduce = jnp.sum if reduction == "sum" else jnp.mean
+
+  def reduce(u):
+    total = stream_sum(u)
+    return total if reduction == "sum" else total / u.shape[0]
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u: reduce(u, axis=0), updates), state
+    return jax.tree.map(reduce, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 

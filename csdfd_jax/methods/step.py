@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from csdfd_jax.transforms import gram_matrix
+from csdfd_jax.transforms import gram_matrix, stream_sum
 
 PyTree = Any
 
@@ -57,10 +57,12 @@ def _norm(tree) -> jax.Array:
 
 
 def stream_metrics(grads: PyTree, streams: tuple[str, ...]) -> dict[str, jax.Array]:
-  """Per-stream gradient norms and, for two streams, their cosine (paper Fig. 2/5)."""
+  """Per-stream gradient norms, the norm of their sum and, for two streams, their cosine
+  (paper Fig. 2/5), all from one Gram matrix: ||sum_k g_k||^2 = sum_ij <g_i, g_j>."""
   gram = gram_matrix(grads)
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
   out = {f"grad_norm/{s}": norms[i] for i, s in enumerate(streams)}
+  out["grad_norm"] = jnp.sqrt(jnp.maximum(jnp.sum(gram), 0.0))
   if len(streams) == 2:
     out["stream_cosine"] = gram[0, 1] / jnp.maximum(norms[0] * norms[1], 1e-30)
   return out
@@ -116,15 +118,13 @@ def make_train_step(
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    batch_stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+    batch_stats = jax.tree.map(lambda s: stream_sum(s) / s.shape[0], stats)
 
-    summed = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
     metrics = {f"loss/{s}": losses[i] for i, s in enumerate(streams)}
     metrics |= {f"accuracy/{s}": accuracy[i] for i, s in enumerate(streams)}
     metrics |= stream_metrics(grads, streams)
     metrics |= opt_state_metrics(opt_state)
     metrics["loss/total"] = jnp.sum(losses)
-    metrics["grad_norm"] = _norm(summed)
     metrics["update_norm"] = _norm(updates)
     metrics["param_norm"] = _norm(params)
     if learning_rate is not None:

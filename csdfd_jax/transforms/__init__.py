@@ -6,7 +6,13 @@ it on its own.
 
 from csdfd_jax.transforms.cgr import CGRState, cgr, cgr_diagnostics
 from csdfd_jax.transforms.partition import csdfd, path_labels
-from csdfd_jax.transforms.stacked import combine, gram_matrix, num_streams, stack_streams
+from csdfd_jax.transforms.stacked import (
+  combine,
+  gram_matrix,
+  num_streams,
+  stack_streams,
+  stream_sum,
+)
 from csdfd_jax.transforms.uvs import UVSSolution, UVSState, solve_dual, uvs, uvs_diagnostics
 
 __all__ = [
@@ -22,6 +28,7 @@ __all__ = [
   "path_labels",
   "solve_dual",
   "stack_streams",
+  "stream_sum",
   "uvs",
   "uvs_diagnostics",
 ]

@@ -71,7 +71,7 @@ def _split(stacked, tau, eps):
     corr = jnp.zeros(x.shape[1:], dtype)
     for (i, j), gamma in zip(pairs, gammas, strict=True):
       corr = corr + gamma.astype(dtype) * xs[i] * xs[j] * (xs[i] + xs[j])
-    return jnp.sum(x, axis=0), corr * scale.astype(dtype)
+    return st.stream_sum(x), corr * scale.astype(dtype)
 
   out = jax.tree.map(one, stacked)
   total = jax.tree.map(lambda _, o: o[0], stacked, out)

@@ -47,6 +47,18 @@ def stack_streams(*trees: PyTree) -> PyTree:
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
+def stream_sum(leaf: jax.Array) -> jax.Array:
+  """leaf[0] + ... + leaf[K-1] over the leading stream axis, as K-1 elementwise adds.
+
+  Same result as ``jnp.sum(leaf, axis=0)`` for K = 2 (one rounding either way), but XLA's
+  CPU backend runs a reduction over a short leading axis far slower than the adds: for an
+  EfficientNet-B0-sized tree (4M parameters, K = 2) we measured ~95 ms against ~4 ms."""
+  out = leaf[0]
+  for k in range(1, leaf.shape[0]):
+    out = out + leaf[k]
+  return out
+
+
 def _tree_dtype(leaves) -> jnp.dtype:
   return compute_dtype(jnp.result_type(*leaves)) if leaves else jnp.dtype(jnp.float32)
 
