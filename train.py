@@ -2,9 +2,12 @@
 
 Overrides: ``--config.method=uvs --config.data.records=/data/ffpp_records``. The config is
 locked after overrides, so a mistyped key fails with the valid keys listed. Running again
-with the same ``--workdir`` resumes from its last checkpoint. Multi-host: pass
-``--distributed`` on every host (jax.distributed.initialize reads the cluster from the
-environment).
+with the same ``--workdir`` resumes from its last checkpoint.
+
+Multi-host: run the same command on every host with ``--distributed``. On SLURM, Open MPI
+and Kubernetes/Cloud TPU ``jax.distributed.initialize`` finds the cluster itself; elsewhere
+add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``. Each process reads
+its own shard of every batch; the workdir must be on a filesystem all hosts share.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/effnet.py", "Training config file[:variant].")
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs); resumed if it exists.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_string("coordinator_address", None, "--distributed: HOST:PORT of process 0.")
+flags.DEFINE_integer("num_processes", None, "--distributed: number of processes.")
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -27,8 +33,11 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax
 
+  manual = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if any(v is not None for v in manual) and not FLAGS.distributed:
+    raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed")
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(*manual)
   from csdfd_jax import train_lib
 
   config = FLAGS.config

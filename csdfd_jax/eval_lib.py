@@ -71,7 +71,8 @@ def default_test_sets(config: ml_collections.ConfigDict, workdir: str) -> list[T
 
 def load_run(workdir: str, which: str = "best"):
   """(config, model, variables, step) of a train.py workdir; ``which`` is "best", "last"
-  or a step number."""
+  or a step number. The variables come back on this process's first device, so a run
+  trained on many devices or hosts is read on one."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{workdir} is not a train.py workdir (no config.json)")
@@ -79,7 +80,9 @@ def load_run(workdir: str, which: str = "best"):
     config = ml_collections.ConfigDict(json.load(f))
   sub = "best" if which == "best" else "checkpoints"
   mngr = ocp.CheckpointManager(
-    os.path.abspath(os.path.join(workdir, sub)), item_names=("state", "data")
+    os.path.abspath(os.path.join(workdir, sub)),
+    item_names=("state", "data"),
+    item_handlers={"state": ocp.StandardCheckpointHandler()},
   )
   steps = mngr.all_steps()
   if not steps:
@@ -89,7 +92,14 @@ def load_run(workdir: str, which: str = "best"):
   step = max(steps) if which in ("best", "last") else int(which)
   if step not in steps:
     raise FileNotFoundError(f"step {step} not in {sub}: available {sorted(steps)}")
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  # Onto this process's first device, whatever devices (or hosts) the run trained on.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+    mngr.item_metadata(step)["state"],
+  )
+  restore = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+  state = mngr.restore(step, args=restore)["state"]
   model = train_lib.build_model(config)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   return config, model, variables, step
@@ -121,7 +131,7 @@ def score_run(workdir, test_sets, *, which="best", frames_per_video=32, batch_si
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(AxisType.Auto,))
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
-  predict = jax.jit(make_predict_fn(model))
+  predict = jax.jit(make_predict_fn(model), out_shardings=NamedSharding(mesh, P()))
   results = {}
   for ts in test_sets:
     scored = train_lib.score_split(

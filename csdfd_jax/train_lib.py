@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any
 
+import grain.checkpoint  # grain's orbax handler for the loader positions
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -156,22 +157,35 @@ def demo_records(workdir: str, config: ml_collections.ConfigDict) -> str:
 
 def records_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The training records: the demo's or the FFHQ mini protocol's (both prepared once per
-  workdir), else ``config.data.records``."""
-  if config.data.demo:
-    return demo_records(workdir, config)
-  if config.data.mini_root:
+  workdir, by the first process), else ``config.data.records``."""
+  if not (config.data.demo or config.data.mini_root):
+    return config.data.records
+
+  def prepare() -> str:
+    if config.data.demo:
+      return demo_records(workdir, config)
     from csdfd_jax.data import mini
 
     out = os.path.join(workdir, "ffhq_mini")
     return str(mini.prepare_ffhq_mini(config.data.mini_root, out, seed=config.seed)["records"])
-  return config.data.records
+
+  if jax.process_count() == 1:
+    return prepare()
+  # Several processes share the workdir: the first writes the data, the others then find it.
+  from jax.experimental import multihost_utils
+
+  if jax.process_index() == 0:
+    prepare()
+  multihost_utils.sync_global_devices("csdfd_jax: training data prepared")
+  return prepare()
 
 
 # ---------------------------------------------------------------------------- evaluation
 
 
 def score_split(predict, variables, records: str, split: str, config, mesh, datasets=None):
-  """Runs ``predict`` over every face of ``split``; returns face-level arrays."""
+  """Runs ``predict`` (jitted with replicated outputs) over every face of ``split``;
+  returns face-level arrays, the same on every process."""
   sharding = NamedSharding(mesh, P("data"))
   out = {"media_id": [], "frame_index": [], "label": [], "score": []}
   for batch in pipeline.eval_iterator(
@@ -181,8 +195,11 @@ def score_split(predict, variables, records: str, split: str, config, mesh, data
     image_size=config.data.image_size,
     datasets=datasets,
   ):
-    images = jax.make_array_from_process_local_data(sharding, batch["image"])
-    scores = np.asarray(jax.device_get(predict(variables, images)))
+    # Every process reads the whole split and feeds its devices their rows; ``predict``
+    # returns the scores replicated, so every process holds all of them.
+    host = batch["image"]
+    images = jax.make_array_from_callback(host.shape, sharding, lambda index, a=host: a[index])
+    scores = np.asarray(predict(variables, images))
     valid = np.asarray(batch["valid"], bool)
     out["media_id"].extend(np.asarray(batch["media_id"])[valid].tolist())
     out["frame_index"].extend(np.asarray(batch["frame_index"])[valid].tolist())
@@ -214,21 +231,25 @@ def checkpoint_manager(path: str, keep: int, best: bool = False) -> ocp.Checkpoi
   return ocp.CheckpointManager(os.path.abspath(path), options=options, item_names=("state", "data"))
 
 
-def _save(mngr, step: int, state: TrainState, data_state, metrics_=None) -> None:
+def _save(mngr, step: int, state: TrainState, iterator, metrics_=None) -> None:
+  """Saves the train state and every process's data-iterator position (grain's handler
+  writes one ``process_<i>-of-<n>.json`` per process)."""
   args = ocp.args.Composite(
-    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})
+    state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)
   )
   mngr.save(step, args=args, metrics=metrics_)
 
 
-def restore_state(mngr, step: int, abstract_state: TrainState):
+def restore_state(mngr, step: int, abstract_state: TrainState, iterator) -> TrainState:
+  """The train state of ``step``; ``iterator`` is moved to where this process's was."""
   restored = mngr.restore(
     step,
     args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(iterator),
     ),
   )
-  return restored["state"], restored["data"]
+  return restored["state"]
 
 
 # ---------------------------------------------------------------------------- loop
@@ -325,10 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = ckpt.latest_step()
   if start is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state, data_state = restore_state(ckpt, start, abstract)
-    state = jax.device_put(state, replicated)
-    if data_state:
-      iterator.set_state(data_state)
+    state = jax.device_put(restore_state(ckpt, start, abstract, iterator), replicated)
     logging.info("resumed from step %d in %s", start, workdir)
   start = int(start or 0)
 
@@ -338,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     out_shardings=(replicated, replicated),
     donate_argnums=0,
   )
-  predict = jax.jit(make_predict_fn(model))
+  predict = jax.jit(make_predict_fn(model), out_shardings=replicated)
   logger = _Logger(workdir, is_main)
   summary: dict[str, Any] = {"method": config.method, "start_step": start, "workdir": workdir}
   num_steps = config.train.num_steps
@@ -371,10 +389,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for offset, m in enumerate(fetched):
         if not m["finite"]:
           bad = done - len(fetched) + offset + 1
+          ckpt.wait_until_finished()
+          last = ckpt.latest_step()
+          kept = (
+            f"Last good checkpoint: step {last} in {os.path.join(workdir, 'checkpoints')}"
+            if last is not None
+            else "No checkpoint was saved before it"
+          )
           raise TrainingError(
             f"non-finite loss or update at step {bad} (loss {m['loss/total']!r}); the update "
-            f"was not applied and training stopped. Last good checkpoint: step "
-            f"{ckpt.latest_step()} in {os.path.join(workdir, 'checkpoints')}. Lower "
+            f"was not applied and training stopped. {kept}. Lower "
             "config.optim.learning_rate or check the data of that step."
           )
       mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "finite"}
@@ -392,9 +416,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logger.write(done, {f"val/{k}": v for k, v in last_val.items()})
         if np.isfinite(last_val["video_auc"]) and last_val["video_auc"] > best_auc:
           best_auc = last_val["video_auc"]
-          _save(best, done, state, iterator.get_state(), {"val_auc": best_auc})
+          _save(best, done, state, iterator, {"val_auc": best_auc})
       if is_ckpt:
-        _save(ckpt, done, state, iterator.get_state())
+        _save(ckpt, done, state, iterator)
   finally:
     bar.close()
     ckpt.wait_until_finished()

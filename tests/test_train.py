@@ -1,5 +1,6 @@
 """End to end: train.py's loop for every method on tiny demo records, eval reading the
-checkpoint, bitwise resume after SIGKILL, and the 8-device data-parallel step."""
+checkpoint, bitwise resume after SIGKILL, and data parallelism over 8 devices in one
+process and over two processes (jax.distributed)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -52,11 +54,22 @@ def saved_params(workdir: str, step: int | None = None, sub: str = "checkpoints"
   return state
 
 
-@pytest.mark.parametrize("method", ["O", "S", "O+S", "uvs", "cgr", "csdfd"])
-def test_every_method_trains_and_eval_reads_its_checkpoint(records, tmp_path, method):
+# csdfd runs in bfloat16 here (the GPU setting); the resume and data-parallel tests run it
+# in float32.
+@pytest.mark.parametrize(
+  "method, dtype",
+  [(m, "float32") for m in ("O", "S", "O+S", "uvs", "cgr")] + [("csdfd", "bfloat16")],
+)
+def test_every_method_trains_and_eval_reads_its_checkpoint(records, tmp_path, method, dtype):
   workdir = str(tmp_path / "run")
-  summary = train_lib.train_and_evaluate(tiny_config(records, method), workdir)
+  config = tiny_config(records, method)
+  config.model.dtype = dtype
+  summary = train_lib.train_and_evaluate(config, workdir)
   assert summary["end_step"] == 2 and summary["steps_run"] == 2
+  # Compute dtype only: parameters, statistics and optimizer state stay float32.
+  state = saved_params(workdir)
+  floats = [x for x in jax.tree.leaves(state) if np.issubdtype(np.asarray(x).dtype, np.floating)]
+  assert floats and all(np.asarray(x).dtype == np.float32 for x in floats)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   losses = [r["loss/total"] for r in rows if "loss/total" in r]
@@ -89,26 +102,32 @@ def test_every_method_trains_and_eval_reads_its_checkpoint(records, tmp_path, me
     assert f"{aucs[0]:.2f} & {aucs[1]:.2f}" in f.read()
 
 
+def train_command(workdir, records, *, steps, batch, checkpoint_every, extra=()) -> list[str]:
+  """train.py on the demo config shrunk to the test records (32 px, csdfd)."""
+  return [
+    sys.executable,
+    str(ROOT / "train.py"),
+    f"--config={ROOT / 'configs' / 'effnet.py'}:demo",
+    f"--workdir={workdir}",
+    "--config.method=csdfd",
+    "--config.data.demo=False",
+    f"--config.data.records={records}",
+    "--config.data.image_size=32",
+    f"--config.data.batch_size={batch}",
+    f"--config.train.num_steps={steps}",
+    "--config.train.log_every=1",
+    f"--config.train.eval_every={steps}",
+    f"--config.train.checkpoint_every={checkpoint_every}",
+    "--config.train.eval_batch_size=8",
+    *extra,
+  ]
+
+
 def test_a_run_killed_mid_way_resumes_bitwise(records, tmp_path):
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
 
   def command(workdir, steps=6):
-    return [
-      sys.executable,
-      str(ROOT / "train.py"),
-      f"--config={ROOT / 'configs' / 'effnet.py'}:demo",
-      f"--workdir={workdir}",
-      "--config.method=csdfd",
-      "--config.data.demo=False",
-      f"--config.data.records={records}",
-      "--config.data.image_size=32",
-      "--config.data.batch_size=4",
-      f"--config.train.num_steps={steps}",
-      "--config.train.log_every=1",
-      f"--config.train.eval_every={steps}",
-      "--config.train.checkpoint_every=1",
-      "--config.train.eval_batch_size=8",
-    ]
+    return train_command(workdir, records, steps=steps, batch=4, checkpoint_every=1)
 
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   subprocess.run(command(straight), check=True, env=env, cwd=ROOT, capture_output=True)
@@ -132,8 +151,6 @@ def test_a_run_killed_mid_way_resumes_bitwise(records, tmp_path):
   assert summary["start_step"] >= 3 and summary["end_step"] == 6
 
   a, b = saved_params(str(straight), 6), saved_params(str(killed), 6)
-  import jax
-
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -168,7 +185,15 @@ for n in (1, 8):
 """
 
 
-def test_eight_device_data_parallel_matches_one_device(records, tmp_path):
+def free_port() -> int:
+  import socket
+
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def test_data_parallel_over_devices_and_processes_matches_one_device(records, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   script = tmp_path / "eight.py"
   script.write_text(EIGHT_DEVICES)
@@ -183,6 +208,65 @@ def test_eight_device_data_parallel_matches_one_device(records, tmp_path):
   assert sorted(one.files) == sorted(eight.files) and len(one.files) > 10
   for key in one.files:
     np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=2e-6, err_msg=key)
+
+  # The same run as two processes of 4 devices each (jax.distributed over gloo on CPU):
+  # each process reads its half of every batch; checkpoints hold both loader positions.
+  workdir = tmp_path / "two_processes"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  extra = [
+    "--config.optim.name=sgd",
+    "--config.optim.learning_rate=0.05",
+    "--distributed",
+    f"--coordinator_address=localhost:{free_port()}",
+    "--num_processes=2",
+  ]
+  command = train_command(workdir, records, steps=2, batch=8, checkpoint_every=2, extra=extra)
+  procs = [
+    subprocess.Popen(
+      [*command, f"--process_id={i}"],
+      env=env,
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outputs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["devices"] == 8 and summary["end_step"] == 2
+  assert np.isfinite(summary["val"]["video_auc"])
+  data = workdir / "checkpoints" / "2" / "data"
+  positions = sorted(f.name for f in data.glob("process_*"))
+  assert positions == ["process_0-of-2.json", "process_1-of-2.json"]
+  positions = [json.loads((data / f"process_{i}-of-2.json").read_text()) for i in range(2)]
+  assert positions[0] != positions[1]  # each process's own shard
+
+  _, _, variables, step = eval_lib.load_run(str(workdir), "last")
+  assert step == 2
+  flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+  assert sorted(jax.tree_util.keystr(p) for p, _ in flat) == sorted(one.files)
+  for path, x in flat:
+    key = jax.tree_util.keystr(path)
+    np.testing.assert_allclose(np.asarray(x), one[key], rtol=2e-4, atol=2e-6, err_msg=key)
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+  records, tmp_path
+):
+  config = tiny_config(records, "O+S", steps=4)
+  config.optim.name = "sgd"
+  config.optim.learning_rate = 1e30  # step 1 has lr 0 (warm-up), step 2 overflows
+  config.optim.warmup_steps = 2
+  workdir = str(tmp_path / "run")
+  with pytest.raises(train_lib.TrainingError, match="non-finite loss or update at step 2") as e:
+    train_lib.train_and_evaluate(config, workdir)
+  assert "Last good checkpoint: step 1" in str(e.value)
+  state = saved_params(workdir)
+  assert int(state["step"]) == 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
 def test_mistyped_config_key_fails_with_the_valid_keys(tmp_path):
