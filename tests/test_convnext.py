@@ -15,7 +15,7 @@ timm = pytest.importorskip("timm")
 import backbone_parity as bp  # noqa: E402
 
 from csdfd_jax.models import convnext  # noqa: E402
-from csdfd_jax.models.resnet import abstract_variables, param_count  # noqa: E402
+from csdfd_jax.models.layers import abstract_variables, param_count  # noqa: E402
 from csdfd_jax.models.weights import WeightMappingError  # noqa: E402
 
 _eval_both, _matmul_dtypes, _state = bp.eval_both, bp.matmul_dtypes, bp.state

@@ -17,7 +17,7 @@ torchvision = pytest.importorskip("torchvision")
 
 import backbone_parity as bp  # noqa: E402
 
-from csdfd_jax.models import resnet  # noqa: E402
+from csdfd_jax.models import layers, resnet  # noqa: E402
 from csdfd_jax.models.weights import WeightMappingError  # noqa: E402
 
 _apply, _eval_both, _matmul_dtypes, _state = bp.apply, bp.eval_both, bp.matmul_dtypes, bp.state
@@ -55,7 +55,7 @@ def _check_parity(tmodel, variables, flax_model, size=48, batch=3):
     want_train = tmodel(torch.from_numpy(x)).numpy()
   got_train, updated = _apply(flax_model, variables, xj, train=True, mutable=["batch_stats"])
   np.testing.assert_allclose(np.asarray(got_train), want_train, **TOL)
-  stats = resnet.variables_from_torch(_state(tmodel), variables, what="updated")["batch_stats"]
+  stats = layers.variables_from_torch(_state(tmodel), variables, what="updated")["batch_stats"]
   jax.tree_util.tree_map(
     lambda a, b: np.testing.assert_allclose(np.asarray(a), b, **TOL), updated["batch_stats"], stats
   )
@@ -101,8 +101,8 @@ def test_full_size_parameter_counts(name):
   assert tm.state_dict().keys() == tv.state_dict().keys()  # one mapping serves both
   want = sum(p.numel() for p in tm.parameters())
   assert want == sum(p.numel() for p in tv.parameters())
-  abstract = resnet.abstract_variables(resnet.create(name, num_classes=1000))
-  assert resnet.param_count(abstract["params"]) == want
+  abstract = layers.abstract_variables(resnet.create(name, num_classes=1000))
+  assert layers.param_count(abstract["params"]) == want
   assert resnet.num_features(name) == tm.num_features
 
 

@@ -17,7 +17,7 @@ timm = pytest.importorskip("timm")
 import backbone_parity as bp  # noqa: E402
 
 from csdfd_jax.models import xception  # noqa: E402
-from csdfd_jax.models.resnet import abstract_variables, param_count, variables_from_torch  # noqa: E402
+from csdfd_jax.models.layers import abstract_variables, param_count, variables_from_torch  # noqa: E402
 from csdfd_jax.models.weights import WeightMappingError  # noqa: E402
 
 _apply, _eval_both, _matmul_dtypes = bp.apply, bp.eval_both, bp.matmul_dtypes

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from csdfd_jax.models.resnet import (
+from csdfd_jax.models.layers import (
   IMAGENET_MEAN,
   IMAGENET_STD,
   abstract_variables,
@@ -162,7 +162,7 @@ def convert_timm(
   state_dict: Mapping[str, np.ndarray], variant: str, *, num_classes: int | None = None, **kw: Any
 ) -> dict:
   """timm ``convnext_*`` state dict -> Flax variables {"params"}. ``num_classes``: see
-  ``resnet.split_head`` (None keeps the checkpoint's ``head.fc``; ``head.norm`` always loads)."""
+  ``layers.split_head`` (None keeps the checkpoint's ``head.fc``; ``head.norm`` always loads)."""
   num_classes, sd = split_head(state_dict, "head.fc", num_classes)
   reference = abstract_variables(create(variant, num_classes=num_classes, **kw), size=64)
   return variables_from_torch(sd, reference, what=f"ConvNeXt {variant!r} checkpoint")

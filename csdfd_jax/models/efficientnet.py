@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from csdfd_jax.models.layers import BatchNorm, drop_path
 from csdfd_jax.models.weights import StrictMapping, check_tree_matches
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -151,38 +152,6 @@ def preprocessing(variant: str) -> dict:
 PREPROCESSING = {v: preprocessing(v) for v in VARIANTS} | {
   f"tf_efficientnet_b{i}.ap_in1k": preprocessing(f"tf_efficientnet_b{i}.ap_in1k") for i in range(8)
 }
-
-
-class BatchNorm(nn.Module):
-  """BatchNorm matching ``torch.nn.BatchNorm2d``: batch statistics in train mode, running ones
-  otherwise; running variance updated with the unbiased batch variance (as torch does), with
-  ``momentum`` the weight of the old value (torch momentum 0.1 → 0.9). Statistics in float32."""
-
-  eps: float
-  momentum: float = 0.9
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    if train:
-      xf = x.astype(jnp.float32)
-      mean = xf.mean((0, 1, 2))
-      var = jnp.square(xf - mean).mean((0, 1, 2))
-      if not self.is_initializing():
-        n = x.size // c
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        unbiased = var * (n / max(n - 1, 1))
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
-    else:
-      mean, var = ra_mean.value, ra_var.value
-    mul = scale * jax.lax.rsqrt(var + self.eps)
-    add = bias - mean * mul
-    return x.astype(self.dtype) * mul.astype(self.dtype) + add.astype(self.dtype)
 
 
 def _conv(
@@ -336,7 +305,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     sp, dt = self.spec, self.dtype
-    bn = partial(BatchNorm, eps=1e-3 if self.tf else 1e-5, dtype=dt)
+    bn = partial(BatchNorm, epsilon=1e-3 if self.tf else 1e-5, dtype=dt)
     conv = partial(_conv, tf=self.tf, dtype=dt)
     shortcut = x
     dw_bn, pw, pw_bn = "bn1", "conv_pw", "bn2"  # depthwise-separable block (stage 0)
@@ -350,11 +319,7 @@ class Block(nn.Module):
       x = SqueezeExcite(sp.se_chs, self.act, dt, name="se")(x)
     x = bn(name=pw_bn)(conv(sp.out_chs, 1, name=pw)(x), train)
     if sp.stride == 1 and sp.in_chs == sp.out_chs:
-      if train and self.drop_path > 0:
-        keep = 1.0 - self.drop_path
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0], 1, 1, 1))
-        x = jnp.where(mask, x / keep, 0).astype(x.dtype)
-      x = x + shortcut
+      x = drop_path(self, x, self.drop_path, train) + shortcut
     return x
 
 
@@ -381,7 +346,7 @@ class EfficientNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     cfg = decode(self.variant)
     act = jax.nn.relu6 if cfg.lite else nn.swish
-    bn = partial(BatchNorm, eps=1e-3 if cfg.tf else 1e-5, dtype=self.dtype)
+    bn = partial(BatchNorm, epsilon=1e-3 if cfg.tf else 1e-5, dtype=self.dtype)
     x = x.astype(self.dtype)
     x = _conv(stem_chs(self.variant), 3, 2, tf=cfg.tf, dtype=self.dtype, name="conv_stem")(x)
     x = act(bn(name="bn1")(x, train))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from csdfd_jax.models.resnet import (
+from csdfd_jax.models.layers import (
   abstract_variables,
   drop_path,
   split_head,
@@ -237,7 +237,7 @@ def convert_timm(
 ) -> dict:
   """timm ``vit_*_patch16_*`` state dict -> Flax variables {"params"}.
 
-  ``num_classes``: see ``resnet.split_head`` (None keeps the checkpoint's ``head``). The
+  ``num_classes``: see ``layers.split_head`` (None keeps the checkpoint's ``head``). The
   checkpoint's position-embedding grid must match the variant's ``img_size``; inputs of other
   sizes are handled at call time.
   """

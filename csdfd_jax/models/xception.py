@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from csdfd_jax.models.resnet import (
+from csdfd_jax.models.layers import (
   BatchNorm,
   abstract_variables,
   split_head,
@@ -170,7 +170,7 @@ def convert_timm(
   state_dict: Mapping[str, np.ndarray], variant: str, *, num_classes: int | None = None, **kw: Any
 ) -> dict:
   """timm ``legacy_xception`` (= Cadene's FF++ Xception) state dict -> Flax variables
-  {"params", "batch_stats"}. ``num_classes``: see ``resnet.split_head``."""
+  {"params", "batch_stats"}. ``num_classes``: see ``layers.split_head``."""
   num_classes, sd = split_head(state_dict, "fc", num_classes)
   reference = abstract_variables(create(variant, num_classes=num_classes, **kw), size=96)
   return variables_from_torch(sd, reference, what=f"Xception {variant!r} checkpoint")
