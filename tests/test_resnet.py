@@ -140,6 +140,7 @@ def test_strict_mapping_names_bad_keys():
 
 
 def test_bfloat16_compute_keeps_float32_params():
+  torch.manual_seed(0)  # the conv weights: the relative error below is ~1% for any seed
   tmodel = _randomize(
     timm.create_model("resnet34", num_classes=4, layers=(1, 1, 1, 1), channels=(8, 16, 32, 64))
   )

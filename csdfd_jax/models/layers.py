@@ -30,8 +30,10 @@ class BatchNorm(nn.Module):
   Train mode normalises with the biased batch variance but updates the running variance
   with the unbiased one (n / (n - 1)), with ``momentum`` weighting the new batch (torch
   convention: running = (1 - m) running + m batch). Statistics are computed in float32
-  whatever the compute dtype; the normalisation is folded into one multiply-add applied
-  in the compute dtype. Variables: ``scale``/``bias`` (torch ``weight``/``bias``),
+  whatever the compute dtype, and so is the normalisation ``(x - mean) * k + bias``
+  (XLA fuses the casts into it), cast back to the compute dtype at the end: folding it into
+  ``x * k + (bias - mean * k)`` in bfloat16 loses the small difference of two large terms
+  when |mean| >> std. Variables: ``scale``/``bias`` (torch ``weight``/``bias``),
   ``batch_stats`` ``mean``/``var`` (``running_mean``/``running_var``).
   """
 
@@ -46,8 +48,8 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    xf = x.astype(jnp.float32)
     if train:
-      xf = x.astype(jnp.float32)
       axes = tuple(range(x.ndim - 1))
       mean = xf.mean(axes)
       var = jnp.square(xf - mean).mean(axes)
@@ -58,9 +60,8 @@ class BatchNorm(nn.Module):
         ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
     else:
       mean, var = ra_mean.value, ra_var.value
-    mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    add = bias - mean * mul
-    return x.astype(self.dtype) * mul.astype(self.dtype) + add.astype(self.dtype)
+    y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
 
 
 def drop_path(module: nn.Module, x: jnp.ndarray, rate: float, train: bool) -> jnp.ndarray:
