@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import grain.checkpoint
 import jax
 import ml_collections
 import numpy as np
@@ -82,7 +83,10 @@ def load_run(workdir: str, which: str = "best"):
   mngr = ocp.CheckpointManager(
     os.path.abspath(os.path.join(workdir, sub)),
     item_names=("state", "data"),
-    item_handlers={"state": ocp.StandardCheckpointHandler()},
+    item_handlers={
+      "state": ocp.StandardCheckpointHandler(),
+      "data": grain.checkpoint.CheckpointHandler(),
+    },
   )
   steps = mngr.all_steps()
   if not steps:
