@@ -105,9 +105,11 @@ def cam_from(features: jax.Array, grads: jax.Array, size: tuple[int, int]) -> ja
   alpha = grads.astype(jnp.float32).mean((1, 2))
   cam = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", features.astype(jnp.float32), alpha))
   cam = jax.image.resize(cam, (cam.shape[0], *size), "bilinear")
-  lo = cam.min((1, 2), keepdims=True)
-  span = cam.max((1, 2), keepdims=True) - lo
-  return jnp.where(span > 1e-12, (cam - lo) / jnp.maximum(span, 1e-12), 0.0)
+  lo, hi = cam.min((1, 2), keepdims=True), cam.max((1, 2), keepdims=True)
+  span = hi - lo
+  # XLA may divide by multiplying with the reciprocal: pin the maximum to exactly 1.
+  scaled = jnp.where(cam >= hi, 1.0, jnp.minimum((cam - lo) / jnp.maximum(span, 1e-12), 1.0))
+  return jnp.where(span > 1e-12, scaled, 0.0)
 
 
 @partial(jax.jit, static_argnums=(0,), static_argnames=("target",))
