@@ -155,14 +155,14 @@ def test_colour_ops_match_uint8_references():
   assert 0 < err < 3
 
 
-def test_errors_and_eval_config(face):
+def test_errors_and_validation_config(face):
   image, lm = face
   with pytest.raises(ValueError, match="landmarks"):
     sbi.self_blend(image, lm + 10_000, np.random.default_rng(0))
   fake, mask = sbi.self_blend(image, lm, np.random.default_rng(0))
   assert fake.shape == image.shape and fake.dtype == np.uint8 and mask.shape == image.shape[:2]
-  cfg = sbi.SBIConfig.eval()
-  assert not cfg.post_augment and cfg.p_flip == 0 and not cfg.random_margin
+  cfg = sbi.SBIConfig.validation()
+  assert not cfg.post_augment and cfg.p_flip == 0
   real, fake = sbi.sbi_pair(image, lm, np.random.default_rng(0), size=64, cfg=cfg)
   assert real.shape == fake.shape == (64, 64, 3)
 

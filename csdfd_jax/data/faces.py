@@ -15,12 +15,13 @@ margins of up to 0.1 w left/right, 0.4 h above and 0.16 h below (before that, a 
 1.0 h above and 0.4 h below for the blending); DeepfakeBench aligns 5 landmarks onto a 256 px
 template with scale 1.3: measured on 10 FFHQ photos and 4 DFDC frames, the 68-landmark box then
 spans 55 % of the crop side and its centre sits 0.26 h below the crop centre. Our store keeps one
-fixed square per face, from which the record builder and SBI re-crop with random margins:
+fixed square per face, and every stream, split and scored face is framed by exactly that square
+(``csdfd_jax.data.framing``; SBI blends on it whole, nothing is re-cropped):
   side = scale * max(w, h) of the 68-landmark box (scale 1.8: the box spans 1/1.8 = 56 % of the
   side, as in DeepfakeBench),
   centre = box centre moved up by shift * h (shift 0.2: the 68 points stop at the eyebrows, and
   both references are top-heavy), which leaves 0.6 h above the box, 0.2 h below and 0.4 w on each
-  side: room for SBI's largest training crop.
+  side: room for the forehead and for the blend mask's blur and deformation.
 Parts of the square outside the frame are zero-filled (no re-centring: the face stays at the same
 place in every crop). The square is resized to `size` (256 px, the paper's size) with INTER_AREA
 when shrinking and INTER_CUBIC when enlarging; landmarks and masks are transformed identically.

@@ -25,12 +25,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
+from csdfd_jax.data.framing import resize_face
 from csdfd_jax.data.sbi import sbi_pair
 
 log = logging.getLogger(__name__)
@@ -126,17 +126,6 @@ def _check_known(what: str, wanted: Sequence[str], present: np.ndarray) -> None:
   unknown = sorted(set(wanted) - set(present.tolist()))
   if unknown:
     raise ValueError(f"unknown {what} {unknown}; the records hold {sorted(set(present.tolist()))}")
-
-
-def resize_face(image: np.ndarray, size: int | None) -> np.ndarray:
-  """A stored face crop at the model's input size: INTER_AREA to shrink, INTER_LINEAR to
-  grow. Training, evaluation, predict and Grad-CAM all resize through this one function."""
-  if size is None or image.shape[:2] == (size, size):
-    return image
-  shrink = image.shape[0] > size
-  return cv2.resize(
-    image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-  )
 
 
 class TrainBatches:

@@ -16,7 +16,7 @@ This module re-implements the procedure of the official code (mapooon/SelfBlende
 ``src/utils/sbi.py``, ``blend.py``, ``funcs.py``, and the Face X-ray masks it uses from
 AlgoHunt/Face-Xray) with NumPy + OpenCV, step by step:
 
-1. ``sbi_pair`` crops the face with a wide landmark box (sides +w/2, top +h, bottom +0.4h).
+1. ``sbi_pair`` takes the stored face square whole (``csdfd_jax.data.framing``).
 2. ``synthesize``: with probability 0.25 the landmarks are cut to the 68 dlib points; the mask is
    one of four hulls chosen uniformly (``HULL_TYPES``: DFL-full, extended, components, face hull);
    either the source or the target (1/2 each) gets ``source_augment``: RGB shift ±20 (p 0.3),
@@ -31,8 +31,7 @@ AlgoHunt/Face-Xray) with NumPy + OpenCV, step by step:
    with another odd kernel in [5, 25] and sigma in [5, 45], renormalised to max 1 and resized back;
    it is then scaled by a blend ratio drawn from {0.25, 0.5, 0.75, 1, 1, 1} and I_SB is formed.
 5. ``sbi_pair`` applies the same post-augmentation to real and fake (RGB shift ±20 p 0.3, HSV ±0.3
-   p 0.3, brightness/contrast ±0.3 p 0.3, JPEG quality 40-100 p 0.5), crops both with the same
-   random-margin face box (each side w/4 or h/4 times U(0.2, 0.8)), resizes to ``size`` (bilinear)
+   p 0.3, brightness/contrast ±0.3 p 0.3, JPEG quality 40-100 p 0.5), shrinks both to ``size``
    and flips both horizontally with probability 0.5.
 
 Every probability and range is a field of ``SBIConfig``. The albumentations colour ops are
@@ -55,14 +54,31 @@ Deviations from the official code, and why:
   detector box first; we flip the finished real/fake pair at the end. Every step is symmetric in
   distribution under a mirror, so the samples are identically distributed and no landmark
   permutation is needed (81-point orders differ between predictors).
-- Face box of the final crop: the official code uses a RetinaFace box saved at preprocessing; the
-  face store keeps landmarks only, so the box is the 68-point box raised by ``box_forehead`` (0.2)
-  of its height to cover the forehead as a detector box does.
+- What the synthesis runs on, and the framing: the official code blends on a wide landmark crop
+  of the full-resolution frame (sides +w/2, top +h, bottom +0.4h) and then cuts a random-margin
+  box around a RetinaFace box (each side w/4 or h/4 times U(0.2, 0.8)) and resizes it. Here the
+  blend runs on the stored face square (1.8x the landmark box, the store's only pixels) and the
+  square is kept whole, at the output resolution or above, then shrunk: S is framed exactly like
+  stream O and the test faces (``csdfd_jax.data.framing`` says why) and the blended face is never
+  upsampled. The official random margins were a scale augmentation of S alone; none is applied.
+- Landmarks: the official code uses an 81-point predictor, so the face hull includes the
+  forehead in 3 of 4 draws (the other: the cut to 68 points). The default predictor here has 68
+  points (``face-recognition-models``; an 81-point file works with ``--predictor``), so the
+  forehead is never in the mask and ``p_drop_extra_landmarks`` has no effect.
 - JPEG: albumentations hands the RGB array to ``cv2.imencode``, which reads it as BGR, so its
   chroma planes mix the wrong channels; we convert to BGR first, as a real JPEG of a frame is.
 - The Face X-ray hull masks are an optional add-on of the official code (without the library it
   uses the face hull only); we use the four-hull mode by default, as the README recommends for the
-  reported scores. ``SBIConfig(hull="facehull")`` gives the fallback behaviour.
+  reported scores. ``SBIConfig(hull="facehull")`` uses the face hull alone, but not the official
+  fallback's exact mask: that one is a uint8 image, and a uint8 Gaussian blur rounds the edge so
+  its erosion keeps almost the whole hull (100 %, 100 %, 99.8 % of the area at kernels 5, 15,
+  25), while our float mask (anti-aliased edge) erodes to about 94 %, 79 %, 67 %.
+- Batch: the official loader draws 16 (real, fake) pairs per step; here a stream's batch is
+  ``config.data.batch_size`` images, half real, so the default 16 gives 8 pairs per S sub-batch
+  (the O sub-batch holds the other 16 images of the step).
+- Input scaling: the official code feeds ``img / 255`` ([0, 1]) to the AdvProp EfficientNet-B4,
+  whose weights were trained on [-1, 1]; the detector here normalises with the weight file's own
+  mean/std, i.e. (x - 0.5) / 0.5 for ``.ap`` weights.
 """
 
 from __future__ import annotations
@@ -71,6 +87,8 @@ import dataclasses
 
 import cv2
 import numpy as np
+
+from csdfd_jax.data.framing import resize_face, resize_landmarks
 
 HULL_TYPES = ("dfl_full", "extended", "components", "facehull")
 
@@ -99,9 +117,6 @@ class SBIConfig:
   downscale_ratios: tuple[int, ...] = (2, 4)
   sharpen_alpha: tuple[float, float] = (0.2, 0.5)
   sharpen_lightness: tuple[float, float] = (0.5, 1.0)
-  # Face crops.
-  box_forehead: float = 0.2
-  random_margin: bool = True  # False: the official val/test margins (w/8, h/8 per side)
   # Post-augmentation shared by real and fake.
   post_augment: bool = True
   p_rgb_shift: float = 0.3
@@ -116,9 +131,10 @@ class SBIConfig:
   p_flip: float = 0.5
 
   @classmethod
-  def eval(cls, **overrides) -> SBIConfig:
-    """The official val/test phase: no post-augmentation, no flip, fixed crop margins."""
-    return cls(**{"post_augment": False, "p_flip": 0.0, "random_margin": False, **overrides})
+  def validation(cls, **overrides) -> SBIConfig:
+    """The official val phase: no post-augmentation, no flip (the fixed fakes of a
+    validation set made by SBI of its reals, ``config.data.val_fakes``)."""
+    return cls(**{"post_augment": False, "p_flip": 0.0, **overrides})
 
 
 # ----------------------------------------------------------------------------- colour ops (uint8)
@@ -366,21 +382,6 @@ def self_blend(
   return fake, mask
 
 
-def _crop_box(
-  box: np.ndarray, margins: np.ndarray, shape: tuple[int, ...]
-) -> tuple[int, int, int, int]:
-  """(y0, y1, x0, x1) of box [x0, y0, x1, y1] grown by margins [left, top, right, bottom]."""
-  x0, y0, x1, y1 = box
-  left, top, right, bottom = margins
-  h, w = shape[:2]
-  return (
-    max(0, int(y0 - top)),
-    min(h, int(y1 + bottom) + 1),
-    max(0, int(x0 - left)),
-    min(w, int(x1 + right) + 1),
-  )
-
-
 def sbi_pair(
   image: np.ndarray,
   landmarks: np.ndarray,
@@ -390,33 +391,28 @@ def sbi_pair(
   cfg: SBIConfig = SBIConfig(),
   return_mask: bool = False,
 ):
-  """The official training sample: (real, fake) uint8 [size, size, 3], plus the mask if asked.
+  """One training pair: (real, fake) uint8 [size, size, 3], plus the mask if asked.
 
-  Wide landmark crop, ``synthesize``, the same post-augmentation on both (colour ops, JPEG), the
-  same random-margin face crop, bilinear resize to `size`, the same horizontal flip. `real` is the
-  target of the blend (the input face, colour-augmented half of the time, as officially).
-  Deterministic for a given state of `rng`.
+  ``image`` is the stored face square (``csdfd_jax.data.framing``), kept whole so that S images
+  are framed exactly like stream O's and the test faces. When it is smaller than ``size`` it is
+  first resized up to ``size`` (as every other stream resizes it), so the synthesis always runs
+  at the output resolution or above: ``synthesize`` on the square, the same post-augmentation
+  on both (colour ops, JPEG), then both are shrunk (or kept) to ``size`` by ``resize_face`` and
+  flipped together. `real` is the target of the blend (the input face, colour-augmented half of
+  the time, as officially). Deterministic for a given state of `rng`.
   """
+  image = np.asarray(image, np.uint8)
   lm = np.asarray(landmarks, np.float32)
+  side = image.shape[0]
+  if side < size:
+    image, lm = resize_face(image, size), resize_landmarks(lm, side, size)
   flip = rng.random() < cfg.p_flip
-  x0, y0 = lm[:68].min(axis=0)
-  x1, y1 = lm[:68].max(axis=0)
-  w, h = x1 - x0, y1 - y0
-  cy0, cy1, cx0, cx1 = _crop_box(
-    np.array([x0, y0, x1, y1]), np.array([w / 2, h, w / 2, 0.4 * h]), image.shape
-  )
-  offset = np.array([cx0, cy0], np.float32)
-  crop, lm = np.asarray(image)[cy0:cy1, cx0:cx1], lm - offset
-  real, fake, mask = synthesize(crop, lm, rng, cfg)
+  real, fake, mask = synthesize(image, lm, rng, cfg)
   if cfg.post_augment:
     post = _post_augment_fn(rng, cfg)
     real, fake = post(real), post(fake)
-  box = np.array([x0, y0 - cfg.box_forehead * h, x1, y1]) - np.tile(offset, 2)
-  bw, bh = box[2] - box[0], box[3] - box[1]
-  factors = rng.uniform(0.2, 0.8, 4) if cfg.random_margin else np.full(4, 0.5)
-  fy0, fy1, fx0, fx1 = _crop_box(box, np.array([bw, bh, bw, bh]) / 4 * factors, crop.shape)
   out = []
   for x in (real, fake, mask):
-    x = cv2.resize(x[fy0:fy1, fx0:fx1], (size, size), interpolation=cv2.INTER_LINEAR)
+    x = resize_face(x, size)
     out.append(np.ascontiguousarray(x[:, ::-1]) if flip else x)
   return tuple(out) if return_mask else tuple(out[:2])
