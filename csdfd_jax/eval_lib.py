@@ -27,6 +27,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from csdfd_jax import metrics, train_lib
+from csdfd_jax.data import pipeline
 from csdfd_jax.methods.step import make_predict_fn
 
 
@@ -36,19 +37,48 @@ class TestSet:
   records: str
   split: str = "test"
   datasets: tuple[str, ...] | None = None  # restrict to these `dataset` fields of the records
+  # restrict the fakes to these domains: "five"/"four" (FF++ protocols) or "A+B"; None = all
+  fake_domains: str | None = None
 
 
 def parse_test_sets(spec: str) -> list[TestSet]:
-  """``"name=records_dir[:split][@dataset+dataset],..."`` -> TestSets (first = source)."""
+  """``"name=records_dir[:split][@dataset+dataset][#domains],..."`` -> TestSets (first =
+  source). ``#four`` scores FF++ without FaceShifter, ``#five`` requires all five methods."""
   out = []
   for item in filter(None, (s.strip() for s in spec.split(","))):
     if "=" not in item:
-      raise ValueError(f"test set {item!r}: expected name=records_dir[:split][@datasets]")
+      raise ValueError(f"test set {item!r}: expected name=records_dir[:split][@datasets][#domains]")
     name, rest = item.split("=", 1)
+    rest, _, domains = rest.partition("#")
     rest, _, ds = rest.partition("@")
     records, _, split = rest.partition(":")
-    out.append(TestSet(name, records, split or "test", tuple(ds.split("+")) if ds else None))
+    out.append(
+      TestSet(name, records, split or "test", tuple(ds.split("+")) if ds else None, domains or None)
+    )
   return out
+
+
+def _setting(config: ml_collections.ConfigDict, key: str, default: Any) -> Any:
+  """``config.<key>``, or ``default`` for a run whose config.json predates the key."""
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      return default
+    node = node[part]
+  return node
+
+
+def protocol(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The evaluation protocol's open choices (paper silent) as a run's config sets them."""
+  return {
+    "checkpoint": _setting(config, "train.select", "best"),
+    "val_fakes": _setting(config, "data.val_fakes", "original"),
+    "frames_per_video": _setting(config, "eval.frames_per_video", 32),
+    "faces_per_frame": _setting(config, "eval.faces_per_frame", "largest"),
+    "no_face": _setting(config, "eval.no_face", "drop"),
+    "train_frames": _setting(config, "data.train_frames", 0),
+    "train_fake_domains": _setting(config, "data.fake_domains", "") or "all",
+  }
 
 
 def default_test_sets(config: ml_collections.ConfigDict, workdir: str) -> list[TestSet]:
@@ -70,15 +100,21 @@ def default_test_sets(config: ml_collections.ConfigDict, workdir: str) -> list[T
   raise ValueError("no test sets: set --config.eval.test_sets=name=records_dir[:split],...")
 
 
-def load_run(workdir: str, which: str = "best"):
-  """(config, model, variables, step) of a train.py workdir; ``which`` is "best", "last"
-  or a step number. The variables come back on this process's first device, so a run
-  trained on many devices or hosts is read on one."""
+def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{workdir} is not a train.py workdir (no config.json)")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_run(workdir: str, which: str | None = None):
+  """(config, model, variables, step) of a train.py workdir; ``which`` is "best", "last"
+  or a step number (None: the run's ``config.train.select``; "best" falls back to "last" when
+  the run kept no best checkpoint). The variables come back on this process's first device,
+  so a run trained on many devices or hosts is read on one."""
+  config = load_config(workdir)
+  which = which or _setting(config, "train.select", "best")
   sub = "best" if which == "best" else "checkpoints"
   mngr = ocp.CheckpointManager(
     os.path.abspath(os.path.join(workdir, sub)),
@@ -128,8 +164,35 @@ def subsample_frames(scored: dict, frames_per_video: int) -> dict:
   return {k: v[keep] for k, v in scored.items()}
 
 
-def score_run(workdir, test_sets, *, which="best", frames_per_video=32, batch_size=None):
-  config, model, variables, step = load_run(workdir, which)
+def used_checkpoint(workdir: str, which: str | None) -> str:
+  """What ``load_run(workdir, which)`` reads: "best", "last" or a step number."""
+  which = which or _setting(load_config(workdir), "train.select", "best")
+  best = os.path.join(workdir, "best")
+  has_best = os.path.isdir(best) and any(n.isdigit() for n in os.listdir(best))
+  return "last" if which == "best" and not has_best else which
+
+
+def score_run(
+  workdir, test_sets, *, which=None, frames_per_video=None, batch_size=None, faces=None,
+  no_face=None,
+):  # fmt: skip
+  """Scores one run on every test set. ``frames_per_video``, ``faces`` (per frame: "all" or
+  "largest") and ``no_face`` ("chance": videos where no face was found score 0.5, SBI's rule;
+  "drop") default to the run's ``config.eval``; the results record every value used."""
+  used = used_checkpoint(workdir, which)
+  config, model, variables, step = load_run(workdir, used)
+  settings = protocol(config)
+  frames_per_video = frames_per_video or settings["frames_per_video"]
+  faces = faces or settings["faces_per_frame"]
+  no_face = no_face or settings["no_face"]
+  if no_face not in ("chance", "drop"):
+    raise ValueError(f"no_face={no_face!r}; valid: chance, drop")
+  settings |= {
+    "checkpoint": used,
+    "frames_per_video": frames_per_video,
+    "faces_per_frame": faces,
+    "no_face": no_face,
+  }
   if batch_size:
     config.train.eval_batch_size = batch_size
   devices = jax.devices()
@@ -139,15 +202,31 @@ def score_run(workdir, test_sets, *, which="best", frames_per_video=32, batch_si
   results = {}
   for ts in test_sets:
     scored = train_lib.score_split(
-      predict, variables, ts.records, ts.split, config, mesh, ts.datasets
+      predict,
+      variables,
+      ts.records,
+      ts.split,
+      config,
+      mesh,
+      ts.datasets,
+      fake_domains=ts.fake_domains,
+      faces=faces,
     )
     scored = subsample_frames(scored, frames_per_video)
     frame = metrics.binary_metrics(scored["label"], scored["score"])
     ids, vl, vs = metrics.aggregate_videos(
       scored["media_id"], scored["frame_index"], scored["label"], scored["score"]
     )
+    faceless = pipeline.faceless_media(
+      ts.records, ts.split, datasets=ts.datasets, fake_domains=ts.fake_domains
+    )
+    if no_face == "chance" and len(faceless["media_id"]):
+      ids = [*ids, *faceless["media_id"].tolist()]
+      vl = np.concatenate([vl, faceless["label"].astype(np.int64)])
+      vs = np.concatenate([vs, np.full(len(faceless["label"]), 0.5)])
     video = metrics.binary_metrics(vl, vs)
     video["auc_ci95"] = metrics.bootstrap_auc(vl, vs)
+    domains = sorted({d for d, y in zip(scored["domain"], scored["label"], strict=True) if y})
     results[ts.name] = {
       "frame": frame,
       "video": video,
@@ -155,8 +234,13 @@ def score_run(workdir, test_sets, *, which="best", frames_per_video=32, batch_si
         "records": ts.records,
         "split": ts.split,
         "datasets": ts.datasets,
+        "fake_domains": domains,
         "faces": int(len(scored["label"])),
         "videos": len(ids),
+        "videos_without_face": {
+          r: int(np.sum(faceless["reason"] == r)) for r in sorted(set(faceless["reason"]))
+        },
+        "videos_without_face_scored": int(len(faceless["media_id"])) if no_face == "chance" else 0,
       },
       "roc": _roc(vl, vs),
     }
@@ -164,7 +248,8 @@ def score_run(workdir, test_sets, *, which="best", frames_per_video=32, batch_si
     "workdir": workdir,
     "method": config.method,
     "step": step,
-    "which": which,
+    "which": used,
+    "protocol": settings,
     "sets": results,
   }
 
@@ -198,13 +283,37 @@ def table_rows(runs: list[dict], names: list[str]) -> tuple[list[str], list[list
   return header, rows
 
 
+def footnotes(runs: list[dict], names: list[str]) -> list[str]:
+  """The protocol behind the numbers, one line per choice (the paper leaves them open)."""
+  lines = []
+  for r in runs:
+    p = r["protocol"]
+    run = os.path.basename(os.path.normpath(r["workdir"]))
+    lines.append(
+      f"{run}: checkpoint {p['checkpoint']} (step {r['step']}, validation fakes "
+      f"{p['val_fakes']}); {p['frames_per_video']} frames per test video; faces per frame: "
+      f"{p['faces_per_frame']}; videos without a face: {p['no_face']}; trained on "
+      f"{p['train_frames'] or 'all'} frames per video, fakes {p['train_fake_domains']}"
+    )
+  for n in names:
+    d = runs[0]["sets"][n]["data"]
+    missing = sum(d["videos_without_face"].values())
+    lines.append(
+      f"{n}: {d['videos']} videos, fakes {'+'.join(d['fake_domains']) or 'none'}; "
+      f"{missing} videos without a face ({d['videos_without_face_scored']} scored 0.5)"
+    )
+  return lines
+
+
 def write_tables(runs: list[dict], names: list[str], out_dir: str) -> dict[str, str]:
   os.makedirs(out_dir, exist_ok=True)
   header, rows = table_rows(runs, names)
+  notes = footnotes(runs, names)
   paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("md", "csv", "tex", "json")}
   with open(paths["md"], "w") as f:
     f.write("| " + " | ".join(header) + " |\n|" + " --- |" * len(header) + "\n")
     f.writelines("| " + " | ".join(r) + " |\n" for r in rows)
+    f.write("\n" + "".join(f"- {n}\n" for n in notes))
   with open(paths["csv"], "w", newline="") as f:
     csv.writer(f).writerows([header, *rows])
   with open(paths["tex"], "w") as f:
@@ -212,6 +321,7 @@ def write_tables(runs: list[dict], names: list[str], out_dir: str) -> dict[str, 
     f.write(" & ".join(h.replace("_", "\\_") for h in header) + " \\\\\n\\hline\n")
     f.writelines(" & ".join(c.replace("_", "\\_") for c in r) + " \\\\\n" for r in rows)
     f.write("\\hline\n\\end{tabular}\n")
+    f.writelines(f"% {n}\n" for n in notes)
   with open(paths["json"], "w") as f:
     json.dump({"test_sets": names, "source": names[0], "runs": runs}, f, indent=1, default=_json)
   return paths
@@ -290,7 +400,7 @@ def plot_training_curves(workdirs: list[str], out_dir: str) -> list[str]:
   return out
 
 
-def plot_gradcam(workdirs, test_sets, out_dir, *, which="best", per_class=4) -> list[str]:
+def plot_gradcam(workdirs, test_sets, out_dir, *, which=None, per_class=4) -> list[str]:
   """Grad-CAM grids of sample test faces per run and test set (the paper's Fig. 4).
   Backbones whose logit does not read a spatial map (ViT's class token) are skipped."""
   from csdfd_jax import explain
@@ -325,13 +435,23 @@ def evaluate(
   test_sets,
   out_dir,
   *,
-  which="best",
-  frames_per_video=32,
+  which=None,
+  frames_per_video=None,
   batch_size=None,
+  faces=None,
+  no_face=None,
   gradcam=True,
 ):
   runs = [
-    score_run(w, test_sets, which=which, frames_per_video=frames_per_video, batch_size=batch_size)
+    score_run(
+      w,
+      test_sets,
+      which=which,
+      frames_per_video=frames_per_video,
+      batch_size=batch_size,
+      faces=faces,
+      no_face=no_face,
+    )
     for w in workdirs
   ]
   names = [t.name for t in test_sets]

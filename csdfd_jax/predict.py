@@ -111,9 +111,9 @@ class Predictor:
     self.config, self.step = None, None
 
   @classmethod
-  def from_run(cls, workdir: str, checkpoint: str = "best", **kwargs: Any) -> Predictor:
-    """The checkpoint ``checkpoint`` ("best" | "last" | step) of a train.py ``workdir``, at
-    the run's ``config.data.image_size``."""
+  def from_run(cls, workdir: str, checkpoint: str | None = None, **kwargs: Any) -> Predictor:
+    """The checkpoint ``checkpoint`` ("best" | "last" | step; None: the run's
+    ``config.train.select``) of a train.py ``workdir``, at the run's ``config.data.image_size``."""
     from csdfd_jax import eval_lib
 
     config, model, variables, step = eval_lib.load_run(workdir, checkpoint)
@@ -239,7 +239,7 @@ def predict_files(
   workdir: str,
   paths: Sequence[str | os.PathLike],
   *,
-  checkpoint: str = "best",
+  checkpoint: str | None = None,
   frames: int = 32,
   predictor: str | None = None,
   batch_size: int = 32,
@@ -301,7 +301,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
   p.add_argument("--workdir", required=True, help="train.py run directory")
-  p.add_argument("--checkpoint", default="best", help="best (validation AUC), last, or a step")
+  p.add_argument(
+    "--checkpoint",
+    default=None,
+    help="best (validation AUC), last, or a step (default: the run's config.train.select)",
+  )
   p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly per video")
   p.add_argument("--json", help="write every score (face, frame, file) to this JSON file")
   p.add_argument("--csv", help="write one row per file to this CSV file")

@@ -31,6 +31,9 @@ from csdfd_jax.data import pipeline
 from csdfd_jax.methods.step import TrainState, create_train_state, make_predict_fn, make_train_step
 from csdfd_jax.models.heads import Detector
 
+# config.data.val_fakes -> the eval pipeline's ``fakes``.
+VAL_FAKES = {"original": "stored", "sbi": "sbi", "both": "both"}
+
 
 class TrainingError(RuntimeError):
   """Training cannot go on (a non-finite loss, an inconsistent config or workdir)."""
@@ -58,6 +61,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"data.batch_size={config.data.batch_size} must be even (half real, half fake)"
     )
+  if config.data.val_split.startswith("test"):
+    raise ValueError(
+      f"data.val_split={config.data.val_split!r} is a test split: model selection and "
+      "validation must not see test data. Use the records' validation split (default 'val')"
+    )
+  choices = {
+    "reduction": (config.reduction, ("sum", "mean")),
+    "data.val_fakes": (config.data.val_fakes, tuple(VAL_FAKES)),
+    "train.select": (config.train.select, ("last", "best")),
+    "eval.faces_per_frame": (config.eval.faces_per_frame, pipeline.EVAL_FACES),
+    "eval.no_face": (config.eval.no_face, ("chance", "drop")),
+  }
+  for key, (value, valid) in choices.items():
+    if value not in valid:
+      raise ValueError(f"config.{key}={value!r}; valid: {', '.join(valid)}")
+  if config.data.train_frames < 0:
+    raise ValueError(f"data.train_frames={config.data.train_frames}: use >= 1, or 0 for all")
 
 
 def build_model(config: ml_collections.ConfigDict) -> Detector:
@@ -183,17 +203,33 @@ def records_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 # ---------------------------------------------------------------------------- evaluation
 
 
-def score_split(predict, variables, records: str, split: str, config, mesh, datasets=None):
-  """Runs ``predict`` (jitted with replicated outputs) over every face of ``split``;
-  returns face-level arrays, the same on every process."""
+def score_split(
+  predict,
+  variables,
+  records: str,
+  split: str,
+  config,
+  mesh,
+  datasets=None,
+  *,
+  fake_domains=None,
+  faces: str = "all",
+  fakes: str = "stored",
+):
+  """Runs ``predict`` (jitted with replicated outputs) over every face of ``split`` (the
+  ``pipeline.eval_batches`` plan); returns face-level arrays, the same on every process."""
   sharding = NamedSharding(mesh, P("data"))
-  out = {"media_id": [], "frame_index": [], "label": [], "score": []}
+  out = {"media_id": [], "frame_index": [], "label": [], "domain": [], "score": []}
   for batch in pipeline.eval_iterator(
     records,
     split,
     batch_size=config.train.eval_batch_size,
     image_size=config.data.image_size,
     datasets=datasets,
+    fake_domains=fake_domains,
+    faces=faces,
+    fakes=fakes,
+    sbi_seed=config.seed,
   ):
     # Every process reads the whole split and feeds its devices their rows; ``predict``
     # returns the scores replicated, so every process holds all of them.
@@ -204,6 +240,7 @@ def score_split(predict, variables, records: str, split: str, config, mesh, data
     out["media_id"].extend(np.asarray(batch["media_id"])[valid].tolist())
     out["frame_index"].extend(np.asarray(batch["frame_index"])[valid].tolist())
     out["label"].extend(np.asarray(batch["label"])[valid].tolist())
+    out["domain"].extend(np.asarray(batch["domain"])[valid].tolist())
     out["score"].extend(scores[valid].tolist())
   return {k: np.asarray(v) for k, v in out.items()}
 
@@ -337,6 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     image_size=config.data.image_size,
     seed=config.seed,
     worker_count=config.data.workers,
+    fake_domains=config.data.fake_domains,
+    frames_per_video=config.data.train_frames,
     shard_index=jax.process_index(),
     shard_count=jax.process_count(),
   )
@@ -411,10 +450,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       )
       if is_eval:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        scored = score_split(predict, variables, records, config.data.val_split, config, mesh)
+        scored = score_split(
+          predict,
+          variables,
+          records,
+          config.data.val_split,
+          config,
+          mesh,
+          fake_domains=config.data.fake_domains,
+          fakes=VAL_FAKES[config.data.val_fakes],
+        )
         last_val = face_and_video_auc(scored)
         logger.write(done, {f"val/{k}": v for k, v in last_val.items()})
-        if np.isfinite(last_val["video_auc"]) and last_val["video_auc"] > best_auc:
+        select_best = config.train.select == "best"
+        if select_best and np.isfinite(last_val["video_auc"]) and last_val["video_auc"] > best_auc:
           best_auc = last_val["video_auc"]
           _save(best, done, state, iterator, {"val_auc": best_auc})
       if is_ckpt:
@@ -433,6 +482,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     "images_per_second": round(steps_timed * images_per_step / max(elapsed, 1e-9), 1),
     "devices": len(devices),
     "val": last_val,
+    "select": config.train.select,
+    "val_fakes": config.data.val_fakes,
     "best_val_video_auc": None if best_auc == -np.inf else best_auc,
     "checkpoint": os.path.join(workdir, "checkpoints"),
     "best_checkpoint": os.path.join(workdir, "best"),
@@ -453,9 +504,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     ("devices", summary["devices"]),
     ("val frame AUC", f"{val.get('frame_auc', float('nan')):.4f}"),
     ("val video AUC", f"{val.get('video_auc', float('nan')):.4f}"),
-    ("best val video AUC", summary["best_val_video_auc"]),
+    ("validation fakes", summary["val_fakes"]),
     ("checkpoints", summary["checkpoint"]),
-    ("best checkpoint", summary["best_checkpoint"]),
   ]
+  if summary["select"] == "best":
+    rows += [
+      ("best val video AUC", summary["best_val_video_auc"]),
+      ("best checkpoint", f"{summary['best_checkpoint']} (what eval.py scores)"),
+    ]
+  else:
+    rows += [("eval.py scores", "the last checkpoint (config.train.select=last)")]
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -118,7 +118,7 @@ def test_all_faces_up_to_k_largest_first():
   b = cv2.resize(read_image(FFHQ / "ffhq_00004.jpg"), (256, 256), interpolation=cv2.INTER_AREA)
   canvas = np.zeros((384, 384 + 256, 3), np.uint8)
   canvas[:, :384], canvas[64:320, 384:] = a, b
-  two = FaceExtractor(config=FaceConfig(max_faces=2))
+  two = FaceExtractor(config=FaceConfig(max_faces=2, min_face_ratio=0.0))
   dets = two.detect(canvas)
   assert len(dets) == 2
   areas = [(d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) for d in dets]
@@ -130,6 +130,20 @@ def test_all_faces_up_to_k_largest_first():
   assert sides[0] == pytest.approx(sides[1], rel=0.15)  # every crop has the same face scale
   (one,) = FaceExtractor(config=FaceConfig(max_faces=1)).detect(canvas)
   np.testing.assert_allclose(one.landmarks, dets[0].landmarks)
+
+
+@needs_ffhq
+@pytest.mark.parametrize("side, kept", [(340, 2), (200, 1)])
+def test_faces_under_half_the_largest_are_dropped(side, kept):
+  """SBI's test-time rule, the default: every face with at least half the largest's box area."""
+  a = read_image(FFHQ / "ffhq_00003.jpg")
+  b = cv2.resize(read_image(FFHQ / "ffhq_00004.jpg"), (side, side), interpolation=cv2.INTER_AREA)
+  canvas = np.zeros((384, 384 + side, 3), np.uint8)
+  canvas[:, :384], canvas[:side, 384:] = a, b
+  dets = FaceExtractor().detect(canvas)
+  assert len(dets) == kept
+  if kept == 1:
+    assert dets[0].landmarks[:, 0].max() < 384  # the large face on the left
 
 
 def test_predictor_lookup_and_errors(tmp_path):

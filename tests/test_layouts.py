@@ -123,19 +123,24 @@ def test_ffpp_splits_labels_missing(tmp_path):
     "Deepfakes/004_005": (1, "val"),
     "Deepfakes/007_006": (1, "test"),  # reversed order again
     "Face2Face/001_000": (1, "train"),
+    "FaceShifter/000_001": (1, "train"),  # all five methods by default (CS-DFD Sec. V-A)
   }
   assert {k: (r.label, r.split) for k, r in recs.items()} == expected
   assert recs["Deepfakes/000_001"].domain == "Deepfakes"
   assert recs["Deepfakes/000_001"].mask_path.endswith("masks/videos/000_001.mp4")
   assert recs["Deepfakes/003_002"].mask_path is None
   assert recs["real/000"].path == str(tmp_path / "original_sequences/youtube/c23/videos/000.mp4")
-  # missing: real 007; Deepfakes 8 named - 4 present; Face2Face 8 named - 1 present.
-  assert len(idx.missing) == 1 + 4 + 7
+  # missing: real 007; Deepfakes 8 named - 4 present; Face2Face, FaceShifter 8 named - 1 present.
+  assert len(idx.missing) == 1 + 4 + 7 + 7
   assert str(tmp_path / "original_sequences/youtube/c23/videos/007.mp4") in idx.missing
   notes = " ".join(idx.notes)
   assert "FaceSwap" in notes and "NeuralTextures" in notes  # default methods absent on disk
-  assert "FaceShifter" in notes  # present, not selected
+  assert "FaceShifter" not in notes
   assert "999" in notes  # in no split
+  four = layouts.index("ffpp", str(tmp_path), manipulations="four")  # the FF++ paper's protocol
+  assert {r.domain for r in four.records} == {"real", "Deepfakes", "Face2Face"}
+  assert "present but not selected (pass manipulations=...): FaceShifter" in " ".join(four.notes)
+  assert len(four.missing) == 1 + 4 + 7
 
 
 def test_ffpp_options_and_errors(tmp_path):
@@ -166,7 +171,9 @@ def test_ffpp_options_and_errors(tmp_path):
   (tmp_path / "elsewhere").rename(tmp_path / "tmp")
   for f in (tmp_path / "tmp").iterdir():
     f.rename(tmp_path / f.name)
-  assert len(layouts.index("ffpp", str(tmp_path)).records) == 12
+  assert (
+    len(layouts.index("ffpp", str(tmp_path)).records) == 13
+  )  # 12 + FaceShifter (five by default)
   (tmp_path / "val.json").write_text(json.dumps([["004", "000"]]))
   with pytest.raises(ValueError, match="both"):
     layouts.index("ffpp", str(tmp_path))

@@ -32,7 +32,8 @@ class Flatten(nn.Module):
 
 def method_config(c=0.5, tau=0.01):
   cfg = ml_collections.ConfigDict()
-  cfg.uvs = dict(c=c, reduction="sum", rescale="none")
+  cfg.reduction = "sum"
+  cfg.uvs = dict(c=c, rescale="none")
   cfg.cgr = dict(tau=tau, projection="projection")
   return ml_collections.ConfigDict(cfg)
 
@@ -149,6 +150,15 @@ def test_sum_streams_reduces_the_stream_axis(k, reduction):
     np.testing.assert_allclose(out[key], reduce(tree[key], axis=0), rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="reduction"):
     sum_streams("max")
+
+
+def test_one_reduction_setting_for_every_multi_stream_method():
+  """config.reduction="mean" halves O+S's update exactly as it halves g0 in csdfd."""
+  cfg = method_config()
+  cfg.reduction = "mean"
+  g = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  out, _ = methods.get("O+S", cfg).transform.update(g, optax.EmptyState())
+  np.testing.assert_allclose(out["w"], g["w"].mean(0))
 
 
 def test_non_finite_step_keeps_the_state():

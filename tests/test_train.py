@@ -19,6 +19,7 @@ import pytest
 
 from csdfd_jax import eval_lib, train_lib
 from csdfd_jax.data import builder, demo
+from csdfd_jax.data import store as store_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,6 +30,10 @@ from configs import effnet  # noqa: E402
 def records(tmp_path_factory) -> str:
   base = tmp_path_factory.mktemp("demo")
   store = demo.make_demo_store(base / "store", size=64, train=4, val=2, test=2, unseen=2, frames=2)
+  # A test video in which no frame had a face: eval counts it and scores it 0.5 (or drops it).
+  writer = store_lib.StoreWriter(store)
+  writer.save_media(dataset="demo", media_id="dark", label=1, split="test", domain="swap")
+  writer.finish()
   return str(builder.build_records(store, base / "records"))
 
 
@@ -64,6 +69,8 @@ def test_every_method_trains_and_eval_reads_its_checkpoint(records, tmp_path, me
   workdir = str(tmp_path / "run")
   config = tiny_config(records, method)
   config.model.dtype = dtype
+  if method == "S":  # model selection on SBI fakes of the validation reals: no O information
+    config.train.select, config.data.val_fakes = "best", "sbi"
   summary = train_lib.train_and_evaluate(config, workdir)
   assert summary["end_step"] == 2 and summary["steps_run"] == 2
   # Compute dtype only: parameters, statistics and optimizer state stay float32.
@@ -84,10 +91,28 @@ def test_every_method_trains_and_eval_reads_its_checkpoint(records, tmp_path, me
     eval_lib.TestSet("demo", records, "test", ("demo",)),
     eval_lib.TestSet("demo_unseen", records, "test", ("demo_unseen",)),
   ]
-  runs, paths = eval_lib.evaluate(
-    [workdir], sets, str(tmp_path / "eval"), which="last", gradcam=False
-  )
+  runs, paths = eval_lib.evaluate([workdir], sets, str(tmp_path / "eval"), gradcam=False)
   assert runs[0]["step"] == 2 and runs[0]["sets"]["demo"]["data"]["faces"] > 0
+  # config.train.select="last" (the default): no best checkpoint kept, eval reads the last one.
+  best = os.path.join(workdir, "best")
+  has_best = os.path.isdir(best) and any(n.isdigit() for n in os.listdir(best))
+  selected = "best" if method == "S" else "last"
+  assert runs[0]["which"] == runs[0]["protocol"]["checkpoint"] == selected
+  assert has_best == (method == "S") and summary["select"] == selected
+  if method == "S":
+    assert summary["best_val_video_auc"] is not None and summary["val_fakes"] == "sbi"
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      assert any('"val/video_auc"' in line for line in f)
+  data = runs[0]["sets"]["demo"]["data"]
+  assert data["videos_without_face"] == {"no face": 1} and data["videos_without_face_scored"] == 1
+  assert data["fake_domains"] == ["swap"]
+  if method == "O":
+    dropped, _ = eval_lib.evaluate(
+      [workdir], sets, str(tmp_path / "eval2"), no_face="drop", gradcam=False
+    )
+    d = dropped[0]["sets"]["demo"]["data"]
+    assert d["videos"] == data["videos"] - 1 and d["videos_without_face_scored"] == 0
+    assert dropped[0]["protocol"]["no_face"] == "drop"
   # The table files carry exactly the JSON's numbers (video AUC in %, target average).
   with open(paths["json"]) as f:
     saved = json.load(f)["runs"][0]["sets"]
@@ -97,7 +122,10 @@ def test_every_method_trains_and_eval_reads_its_checkpoint(records, tmp_path, me
   assert header[3:] == ["demo", "demo_unseen", "avg (targets)"]
   assert row[3:] == [f"{aucs[0]:.2f}", f"{aucs[1]:.2f}", f"{aucs[1]:.2f}"]
   with open(paths["md"]) as f:
-    assert f"| {aucs[0]:.2f} | {aucs[1]:.2f} |" in f.read()
+    md = f.read()
+  assert f"| {aucs[0]:.2f} | {aucs[1]:.2f} |" in md
+  assert f"checkpoint {selected} (step 2" in md and "videos without a face: chance" in md
+  assert "1 videos without a face (1 scored 0.5)" in md
   with open(paths["tex"]) as f:
     assert f"{aucs[0]:.2f} & {aucs[1]:.2f}" in f.read()
 

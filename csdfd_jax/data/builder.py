@@ -42,7 +42,17 @@ from csdfd_jax.data import store as store_lib
 RECORDS_VERSION = "1.0.0"
 CLASS_NAMES = ("real", "fake")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_METADATA_COLUMNS = ("label", "has_landmarks", "dataset", "domain", "media_id")
+_METADATA_COLUMNS = (
+  "label",
+  "has_landmarks",
+  "dataset",
+  "domain",
+  "media_id",
+  "frame_index",
+  "face_index",
+)
+# Version of what metadata.json holds: 2 added frame_index/face_index and the faceless media.
+METADATA_LAYOUT = 2
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +149,11 @@ class _FaceRecordsBase(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
     del dl_manager
-    self.info.metadata["_store"] = {"index_sha256": index_fingerprint(self.store_dir)}
+    self.info.metadata["_store"] = {
+      "index_sha256": index_fingerprint(self.store_dir),
+      "layout": METADATA_LAYOUT,
+    }
+    self.info.metadata["_faceless"] = faceless_media(self.store_dir, list(self.by_split))
     return {split: self._generate_examples(split) for split in self.by_split}
 
   def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
@@ -178,6 +192,23 @@ class _FaceRecordsBase(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       for c in _METADATA_COLUMNS:
         columns[c].append(example[c])
       yield len(columns["label"]) - 1, example
+
+
+def faceless_media(store_dir: Path, splits: Sequence[str]) -> dict[str, dict[str, list]]:
+  """Per split, the columns (media_id, label, dataset, domain, reason) of the store's media
+  that gave no face: videos where no frame had a face ("no face") and unreadable media
+  ("unreadable"). Evaluation counts them and scores them (SBI's rule: 0.5) or drops them."""
+  out = {split: {c: [] for c in ("media_id", "label", "dataset", "domain", "reason")}
+         for split in splits}  # fmt: skip
+  for h in store_lib.read_media_headers(store_dir):
+    if h.get("faces", 0) or h["split"] not in out:
+      continue
+    cols = out[h["split"]]
+    reason = "unreadable" if h["status"] == store_lib.UNREADABLE else "no face"
+    for c, v in zip(cols, (h["media_id"], int(h["label"]), h["dataset"], h["domain"], reason),
+                    strict=True):  # fmt: skip
+      cols[c].append(v)
+  return out
 
 
 def index_fingerprint(store_dir: Path) -> str:
@@ -245,6 +276,12 @@ def build_records(
     )
   out = Path(builder.data_dir).resolve()
   built_from = json.loads((out / "metadata.json").read_text()).get("_store", {})
+  if built_from.get("layout") != METADATA_LAYOUT:
+    raise ValueError(
+      f"{out} was written by an older csdfd_jax (metadata layout {built_from.get('layout', 1)}, "
+      f"now {METADATA_LAYOUT}: frame/face columns and faceless media): rebuild it with "
+      "overwrite=True (CLI: --overwrite)"
+    )
   if built_from.get("index_sha256") != index_fingerprint(store_dir):
     raise ValueError(
       f"{out} was built from another state of {store_dir} (index.jsonl changed): "
@@ -279,6 +316,11 @@ def summary(records_dir: str | Path) -> str:
     pairs = collections.Counter(zip(cols["dataset"].tolist(), cols["domain"].tolist(), strict=True))
     for (dataset, domain), n in sorted(pairs.items()):
       lines.append(f"{split:<8}{dataset:<20}{domain:<20}{n:>9}")
+  raw = json.loads((Path(records_dir) / "metadata.json").read_text())
+  for split, cols in raw.get("_faceless", {}).items():
+    reasons = collections.Counter(cols["reason"])
+    for reason, n in sorted(reasons.items()):
+      lines.append(f"{split}: {n} media with no record ({reason}); eval counts and scores them")
   skipped = Path(records_dir) / "skipped.json"
   if skipped.exists():
     for what, n in json.loads(skipped.read_text()).items():

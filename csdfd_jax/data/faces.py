@@ -90,7 +90,10 @@ class FaceConfig:
   size: int = 256  # output crop side in pixels
   scale: float = 1.8  # crop side / max side of the 68-landmark box
   shift: float = 0.2  # crop centre moved up by this fraction of the landmark box height
-  max_faces: int = 1  # faces kept per frame, largest first
+  max_faces: int = 8  # at most this many faces per frame, largest first
+  # Faces smaller than this fraction of the largest face's box area are dropped: SBI's test-time
+  # rule (0.5), for multi-person videos (DFDC). Training then reads the largest face only.
+  min_face_ratio: float = 0.5
   detect_size: int = 960  # frames are downscaled so their long side is at most this for detection
   upsample: int | None = None  # dlib pyramid upsampling; None: 1 if the detection image < 960 px
 
@@ -160,7 +163,8 @@ class FaceExtractor:
     self._rectangle = dlib.rectangle
 
   def detect(self, rgb: np.ndarray) -> list[Detection]:
-    """Faces of an RGB frame, largest first, at most `config.max_faces`, with landmarks."""
+    """Faces of an RGB frame, largest first, at most `config.max_faces`, each with a box area of
+    at least `config.min_face_ratio` times the largest's, with landmarks."""
     cfg = self.config
     h, w = rgb.shape[:2]
     ratio = min(1.0, cfg.detect_size / max(h, w))
@@ -182,7 +186,11 @@ class FaceExtractor:
         (rect.bottom() + 1) / ratio,
       )
       found.append((box, float(score)))
-    found.sort(key=lambda bs: (bs[0][2] - bs[0][0]) * (bs[0][3] - bs[0][1]), reverse=True)
+    area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+    found.sort(key=lambda bs: area(bs[0]), reverse=True)
+    if found:
+      largest = area(found[0][0])
+      found = [bs for bs in found if area(bs[0]) >= cfg.min_face_ratio * largest]
     detections = []
     for box, score in found[: cfg.max_faces]:
       rect = self._rectangle(*(int(round(v)) for v in box))

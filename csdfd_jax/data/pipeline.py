@@ -31,7 +31,8 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from csdfd_jax.data.framing import resize_face
-from csdfd_jax.data.sbi import sbi_pair
+from csdfd_jax.data.layouts import ffpp
+from csdfd_jax.data.sbi import SBIConfig, sbi_pair
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ class Records:
   (``image`` uint8 [H,W,3], ``landmarks`` float32 [N,2], ``label``, ``media_id`` bytes, ...).
 
   Record ``i`` of the concatenation is record ``i - offset[k]`` of build ``k``; the ``meta``
-  columns (label, has_landmarks, dataset, domain, media_id) come from each build's metadata.json,
-  so planning a sampler reads no image.
+  columns (label, has_landmarks, dataset, domain, media_id, frame_index, face_index) come from
+  each build's metadata.json, so planning a sampler reads no image. ``faceless`` holds the
+  columns (media_id, label, dataset, domain, reason) of the split's media that gave no record.
   """
 
   def __init__(self, records_dirs: str | Path | Sequence[str | Path], split: str):
@@ -73,6 +75,7 @@ class Records:
     self.split = split
     self.sources = []
     columns: dict[str, list[np.ndarray]] = {}
+    faceless: dict[str, list[np.ndarray]] = {}
     for d in dirs:
       builder = tfds.builder_from_directory(str(find_build(d)))
       meta = builder.info.metadata
@@ -84,12 +87,27 @@ class Records:
       # Masks are not used by the streams: keep their PNG bytes undecoded (halves the read cost).
       skip = {"mask": tfds.decode.SkipDecoding()} if "mask" in builder.info.features else None
       self.sources.append(builder.as_data_source(split, decoders=skip))
+      missing = {"frame_index", "face_index"} - set(meta[split])
+      if missing:
+        raise ValueError(
+          f"{d}: the records lack the columns {sorted(missing)} (written by an older csdfd_jax); "
+          "rebuild them with `python -m csdfd_jax.data.builder --store STORE --out OUT "
+          "--overwrite`"
+        )
       for c, v in meta[split].items():
         columns.setdefault(c, []).append(np.asarray(v))
+      for c, v in meta.get("_faceless", {}).get(split, {}).items():
+        faceless.setdefault(c, []).append(np.asarray(v))
     self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
     self.meta = {c: np.concatenate(v) for c, v in columns.items()}
     self.meta["label"] = self.meta["label"].astype(np.int32)
     self.meta["has_landmarks"] = self.meta["has_landmarks"].astype(bool)
+    for c in ("frame_index", "face_index"):
+      self.meta[c] = self.meta[c].astype(np.int64)
+    names = ("media_id", "label", "dataset", "domain", "reason")
+    self.faceless = {c: np.concatenate(faceless[c]) if c in faceless else np.zeros(0, str)
+                     for c in names}  # fmt: skip
+    self.faceless["label"] = self.faceless["label"].astype(np.int32)
 
   def __len__(self) -> int:
     return int(self.offsets[-1])
@@ -116,6 +134,7 @@ class Records:
     if datasets is not None:
       _check_known("dataset", datasets, self.meta["dataset"])
       keep &= np.isin(self.meta["dataset"], list(datasets))
+    fake_domains = resolve_fake_domains(fake_domains)
     if fake_domains is not None:
       _check_known("domain", fake_domains, self.meta["domain"])
       keep &= (self.meta["label"] == 0) | np.isin(self.meta["domain"], list(fake_domains))
@@ -125,7 +144,37 @@ class Records:
 def _check_known(what: str, wanted: Sequence[str], present: np.ndarray) -> None:
   unknown = sorted(set(wanted) - set(present.tolist()))
   if unknown:
-    raise ValueError(f"unknown {what} {unknown}; the records hold {sorted(set(present.tolist()))}")
+    hint = ""
+    if what == "domain" and unknown == ["FaceShifter"]:
+      hint = " (for FF++ without FaceShifter, the four-method protocol, pass fake domains 'four')"
+    raise ValueError(
+      f"unknown {what} {unknown}; the records hold {sorted(set(present.tolist()))}{hint}"
+    )
+
+
+def resolve_fake_domains(spec: str | Sequence[str] | None) -> tuple[str, ...] | None:
+  """Fake domains named by ``spec``: None or "" for every fake, an FF++ protocol name ("five":
+  CS-DFD's five manipulations, "four": the FF++ paper's), a "+"-joined string, or a list."""
+  if spec is None or (isinstance(spec, str) and not spec.strip()):
+    return None
+  return ffpp.resolve_manipulations(spec)
+
+
+def uniform_frames(media_ids: np.ndarray, frame_indices: np.ndarray, n: int) -> np.ndarray:
+  """Bool mask keeping, per media, at most ``n`` of its frames, spaced uniformly over the frames
+  present (not the first n: DeepfakeBench's known bias); every face of a kept frame is kept.
+  ``n`` <= 0 keeps everything."""
+  keep = np.ones(len(media_ids), bool)
+  if n <= 0:
+    return keep
+  media_ids, frame_indices = np.asarray(media_ids), np.asarray(frame_indices)
+  for mid in np.unique(media_ids):
+    where = media_ids == mid
+    frames = np.unique(frame_indices[where])
+    if len(frames) > n:
+      chosen = frames[np.linspace(0, len(frames) - 1, n).round().astype(int)]
+      keep[where] = np.isin(frame_indices[where], chosen)
+  return keep
 
 
 class TrainBatches:
@@ -134,7 +183,9 @@ class TrainBatches:
   Pool ``p`` (O reals, O fakes, S reals) is walked as the endless sequence
   ``perm(seed, p, 0) ++ perm(seed, p, 1) ++ ...``; host ``h`` of ``H`` takes, at step ``t``,
   positions ``[(t·H + h)·B/2, (t·H + h + 1)·B/2)`` of each of its stream pools, i.e. its slice of
-  the global batch. Example rng: ``default_rng([seed, p, epoch, record])``.
+  the global batch. Example rng: ``default_rng([seed, p, epoch, record])``. Pools hold the
+  largest face of each frame (``face_index`` 0) of at most ``frames_per_video`` frames per video
+  (0: all stored frames).
   """
 
   def __init__(
@@ -150,7 +201,8 @@ class TrainBatches:
     sbi_fn: SbiFn = sbi_pair,
     sbi_cfg: Any = None,
     datasets: Sequence[str] | None = None,
-    fake_domains: Sequence[str] | None = None,
+    fake_domains: str | Sequence[str] | None = None,
+    frames_per_video: int = 0,
   ):
     if not streams or set(streams) - set(STREAMS):
       raise ValueError(f"streams must be a non-empty subset of {STREAMS}, got {streams!r}")
@@ -166,8 +218,12 @@ class TrainBatches:
     self.shard_index, self.shard_count = shard_index, shard_count
     self.sbi_fn = sbi_fn
     self.sbi_kwargs = {"size": image_size} | ({} if sbi_cfg is None else {"cfg": sbi_cfg})
-    keep = records.select(datasets, fake_domains)
-    label, has_lmk = records.meta["label"], records.meta["has_landmarks"]
+    meta = records.meta
+    # Training reads the largest face of a frame only (face_index 0), and at most
+    # ``frames_per_video`` frames per video (SBI trains on 8), spaced uniformly.
+    keep = records.select(datasets, fake_domains) & (meta["face_index"] == 0)
+    keep &= uniform_frames(meta["media_id"], meta["frame_index"], frames_per_video)
+    label, has_lmk = meta["label"], meta["has_landmarks"]
     self.pools: dict[str, np.ndarray] = {}
     self.skipped_no_landmarks = 0
     if "o" in self.streams:
@@ -338,7 +394,8 @@ def train_iterator(
   sbi_fn: SbiFn = sbi_pair,
   sbi_cfg: Any = None,
   datasets: Sequence[str] | None = None,
-  fake_domains: Sequence[str] | None = None,
+  fake_domains: str | Sequence[str] | None = None,
+  frames_per_video: int = 0,
   shard_index: int = 0,
   shard_count: int = 1,
 ) -> StepIterator:
@@ -364,6 +421,7 @@ def train_iterator(
     sbi_cfg=sbi_cfg,
     datasets=datasets,
     fake_domains=fake_domains,
+    frames_per_video=frames_per_video,
   )
   plan = _plan(
     "train",
@@ -372,6 +430,7 @@ def train_iterator(
     batch_size=batch_size,
     image_size=image_size,
     shard=(shard_index, shard_count),
+    frames_per_video=frames_per_video,
     pools={k: len(v) for k, v in batches.pools.items()},
     sbi_fn=f"{getattr(sbi_fn, '__module__', '')}.{getattr(sbi_fn, '__qualname__', sbi_fn)}",
   )
@@ -385,33 +444,68 @@ def train_iterator(
   )
 
 
-class EvalBatches:
-  """Batch number → the records ``indices[b·B:(b+1)·B]``, padded to B with ``valid`` False."""
+EVAL_FACES = ("all", "largest")
+EVAL_FAKES = ("stored", "sbi", "both")
+SBI_DOMAIN = "sbi"
 
-  def __init__(self, records: Records, indices: np.ndarray, batch_size: int, image_size: int):
-    self.records, self.indices = records, indices
-    self.batch_size, self.image_size = batch_size, image_size
+
+class EvalBatches:
+  """Batch number → items ``b·B .. (b+1)·B`` of the plan, padded to B with ``valid`` False.
+
+  Item ``i`` is record ``indices[i]`` as stored, or, where ``synth[i]``, the self-blended fake
+  of that (real) record: media id ``sbi/<media_id>``, label 1, domain "sbi", made by ``sbi_pair``
+  with the validation config (no post-augmentation, no flip) and the rng
+  ``default_rng([sbi_seed, record])``, so a validation set of SBI fakes is the same at every
+  evaluation and for every method.
+  """
+
+  def __init__(
+    self,
+    records: Records,
+    indices: np.ndarray,
+    batch_size: int,
+    image_size: int,
+    synth: np.ndarray | None = None,
+    sbi_seed: int = 0,
+  ):
+    self.records, self.indices = records, np.asarray(indices, np.int64)
+    self.synth = np.zeros(len(self.indices), bool) if synth is None else np.asarray(synth, bool)
+    self.batch_size, self.image_size, self.sbi_seed = batch_size, image_size, sbi_seed
 
   def __len__(self) -> int:
     return -(-len(self.indices) // self.batch_size)
 
+  def _item(self, rec: dict[str, Any], index: int, synth: bool) -> tuple[np.ndarray, dict]:
+    text = {k: rec[k].decode() for k in ("media_id", "dataset", "domain")}
+    ints = {k: int(rec[k]) for k in ("label", "frame_index", "face_index")}
+    if not synth:
+      return resize_face(rec["image"], self.image_size), text | ints
+    rng = np.random.default_rng([self.sbi_seed, index])
+    _, fake = sbi_pair(
+      rec["image"], rec["landmarks"], rng, size=self.image_size, cfg=SBIConfig.validation()
+    )
+    text |= {"media_id": f"sbi/{text['media_id']}", "domain": SBI_DOMAIN}
+    return fake, text | ints | {"label": 1}
+
   def __call__(self, b: int) -> dict[str, np.ndarray]:
-    take = self.indices[b * self.batch_size : (b + 1) * self.batch_size]
-    recs = self.records.read(take)
-    pad = self.batch_size - len(recs)
+    sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+    take, synth = self.indices[sl], self.synth[sl]
+    items = [
+      self._item(rec, int(i), bool(y))
+      for rec, i, y in zip(self.records.read(take), take, synth, strict=True)
+    ]
+    pad = self.batch_size - len(items)
     s = self.image_size
-    images = [resize_face(r["image"], s) for r in recs] + [np.zeros((s, s, 3), np.uint8)] * pad
-    text = {
-      k: [r[k].decode() for r in recs] + [""] * pad for k in ("media_id", "dataset", "domain")
-    }
+    images = [im for im, _ in items] + [np.zeros((s, s, 3), np.uint8)] * pad
+    text = {k: [f[k] for _, f in items] + [""] * pad for k in ("media_id", "dataset", "domain")}
     ints = {
-      k: [int(r[k]) for r in recs] + [-1] * pad for k in ("label", "frame_index", "face_index")
+      k: [f[k] for _, f in items] + [-1] * pad for k in ("label", "frame_index", "face_index")
     }
     return {
       "image": np.stack(images),
       **{k: np.asarray(v, np.int32) for k, v in ints.items()},
       **{k: np.asarray(v, str) for k, v in text.items()},
-      "valid": np.arange(self.batch_size) < len(recs),
+      "valid": np.arange(self.batch_size) < len(items),
     }
 
 
@@ -422,10 +516,56 @@ def eval_batches(
   batch_size: int,
   image_size: int,
   datasets: Sequence[str] | None = None,
+  fake_domains: str | Sequence[str] | None = None,
+  faces: str = "all",
+  fakes: str = "stored",
+  sbi_seed: int = 0,
 ) -> EvalBatches:
-  """The ordered batch plan behind ``eval_iterator`` (``len()`` = number of batches)."""
+  """The ordered batch plan behind ``eval_iterator`` (``len()`` = number of batches).
+
+  ``faces``: "all" stored faces of a frame (preprocessing keeps every face at least half the
+  size of the largest; the frame scores as the max over them) or the "largest" only.
+  ``fakes``: the "stored" fakes, or the "sbi" fakes of the split's reals (those with
+  landmarks) instead, or "both". ``fake_domains`` restricts the stored fakes
+  (``resolve_fake_domains``)."""
+  if faces not in EVAL_FACES:
+    raise ValueError(f"faces={faces!r}; valid: {', '.join(EVAL_FACES)}")
+  if fakes not in EVAL_FAKES:
+    raise ValueError(f"fakes={fakes!r}; valid: {', '.join(EVAL_FAKES)}")
   records = Records(records_dir, split)
-  return EvalBatches(records, np.flatnonzero(records.select(datasets)), batch_size, image_size)
+  meta = records.meta
+  keep = records.select(datasets, fake_domains)
+  if faces == "largest":
+    keep &= meta["face_index"] == 0
+  stored = keep if fakes != "sbi" else keep & (meta["label"] == 0)
+  indices = [np.flatnonzero(stored)]
+  synth = [np.zeros(len(indices[0]), bool)]
+  if fakes != "stored":
+    reals = np.flatnonzero(keep & (meta["label"] == 0) & meta["has_landmarks"])
+    indices.append(reals)
+    synth.append(np.ones(len(reals), bool))
+  return EvalBatches(
+    records, np.concatenate(indices), batch_size, image_size, np.concatenate(synth), sbi_seed
+  )
+
+
+def faceless_media(
+  records_dir: str | Path | Sequence[str | Path],
+  split: str,
+  *,
+  datasets: Sequence[str] | None = None,
+  fake_domains: str | Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+  """Columns (media_id, label, dataset, domain, reason) of the split's media that gave no face
+  record ("no face" found in any frame, or "unreadable"), filtered like ``eval_batches``."""
+  cols = Records(records_dir, split).faceless
+  keep = np.ones(len(cols["media_id"]), bool)
+  if datasets is not None:
+    keep &= np.isin(cols["dataset"], list(datasets))
+  domains = resolve_fake_domains(fake_domains)
+  if domains is not None:
+    keep &= (cols["label"] == 0) | np.isin(cols["domain"], list(domains))
+  return {k: v[keep] for k, v in cols.items()}
 
 
 def eval_iterator(
@@ -435,16 +575,28 @@ def eval_iterator(
   batch_size: int,
   image_size: int,
   datasets: Sequence[str] | None = None,
+  fake_domains: str | Sequence[str] | None = None,
+  faces: str = "all",
+  fakes: str = "stored",
+  sbi_seed: int = 0,
   worker_count: int = 0,
   threads: int = 1,
   prefetch: int = 2,
 ) -> StepIterator:
-  """Every record of ``split`` (of ``datasets``, default all) exactly once, in record order (videos
-  contiguous): ``{"image" uint8[B,S,S,3], "label" int32, "media_id"/"dataset"/"domain" str,
+  """Every item of the ``eval_batches`` plan exactly once, in record order (videos contiguous):
+  ``{"image" uint8[B,S,S,3], "label" int32, "media_id"/"dataset"/"domain" str,
   "frame_index"/"face_index" int32, "valid" bool}``. The last batch is padded to ``batch_size``
   with ``valid`` False (label/frame/face -1, empty strings, black images)."""
   batches = eval_batches(
-    records_dir, split, batch_size=batch_size, image_size=image_size, datasets=datasets
+    records_dir,
+    split,
+    batch_size=batch_size,
+    image_size=image_size,
+    datasets=datasets,
+    fake_domains=fake_domains,
+    faces=faces,
+    fakes=fakes,
+    sbi_seed=sbi_seed,
   )
   plan = _plan("eval", split=split, n=len(batches.indices), batch_size=batch_size, size=image_size)
   return StepIterator(

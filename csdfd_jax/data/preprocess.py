@@ -289,6 +289,7 @@ def run_records(
       scale=config.scale,
       shift=config.shift,
       max_faces=config.max_faces,
+      min_face_ratio=config.min_face_ratio,
       predictor=Path(predictor).name,
     ),
   )
@@ -416,6 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--splits", nargs="+", default=None, choices=("train", "val", "test"))
   p.add_argument("--max-faces", type=int, default=defaults.max_faces, help="faces kept per frame")
   p.add_argument(
+    "--min-face-ratio",
+    type=float,
+    default=defaults.min_face_ratio,
+    help="drop faces whose box area is below this fraction of the largest face's (SBI: 0.5)",
+  )
+  p.add_argument(
     "--crop-scale", type=float, default=defaults.scale, help="crop side / landmark box"
   )
   p.add_argument("--crop-shift", type=float, default=defaults.shift, help="crop centre shift up")
@@ -430,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale=args.crop_scale,
     shift=args.crop_shift,
     max_faces=args.max_faces,
+    min_face_ratio=args.min_face_ratio,
     detect_size=args.detect_size,
   )
   try:

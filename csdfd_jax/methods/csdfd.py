@@ -17,7 +17,7 @@ from csdfd_jax.transforms import cgr, csdfd, path_labels, uvs
 
 def build(name: str, config) -> Method:
   c, tau = float(config.uvs.c), float(config.cgr.tau)
-  opts = dict(reduction=config.uvs.reduction, rescale=config.uvs.rescale)
+  opts = dict(reduction=config.reduction, rescale=config.uvs.rescale)
   projection = config.cgr.projection
   if name == "uvs":
     tx = uvs(c, num_streams=2, **opts)

@@ -33,5 +33,5 @@ def sum_streams(reduction: str = "sum") -> optax.GradientTransformation:
 
 
 def build(name: str, config) -> Method:
-  del config
-  return Method(name, STREAMS[name], sum_streams())
+  """O, S or O+S; O+S combines its streams by ``config.reduction`` like every other method."""
+  return Method(name, STREAMS[name], sum_streams(config.reduction))

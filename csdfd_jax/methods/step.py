@@ -7,9 +7,12 @@ half-size backward passes. Inside the vmap every stream normalises with its own
 BatchNorm batch statistics, exactly as if it were a separate forward pass.
 
 BatchNorm running statistics: each stream's forward proposes updated running statistics;
-the new running statistics are their mean over the streams. For an EMA with momentum m
-this equals one EMA update with the mean of the streams' batch moments, i.e. the running
-statistics track the mixture of both streams the model is evaluated on.
+the new running statistics are their mean over the streams. For an EMA with momentum m this
+equals one EMA update with the mean of the streams' batch moments. The running mean therefore
+tracks the mean of the mixture of the streams the model is evaluated on; the running variance
+tracks the mean *within-stream* variance, which misses the mixture's between-stream term (for
+two equal-sized streams, a quarter of the squared difference of their batch means). That term
+is small when the streams share their reals' statistics, as O and S do here.
 
 A step whose loss or gradient is not finite leaves the state unchanged (params, optimizer
 state and statistics; only ``step`` advances) and reports ``finite = 0`` so the loop can

@@ -1,10 +1,13 @@
 """The detector: input normalisation, a backbone, the projection layer phi, the classifier.
 
-CS-DFD (paper Sec. IV-C, Eq. 17) inserts a learnable projection phi_{theta_p} between the
+CS-DFD (paper Sec. IV-B, Eq. 17) inserts a learnable projection phi_{theta_p} between the
 backbone features f and the binary classifier: f_hat = phi(f). The paper says only that phi
 "is composed of several linear layers"; here it is ``len(projection_dims)`` Dense layers with
 a GELU between consecutive layers (a stack of purely linear layers would collapse to one
 matrix) and none after the last, so f_hat stays a linear read-out space for the classifier.
+The configs use two layers (``(512, 512)``), the smallest phi that can change the
+representation: with one layer, phi followed by the classifier is a single linear map of f,
+and phi adds parameters and changes the optimisation but adds no capacity.
 The submodule is named ``projection`` so ``csdfd(..., projection="projection")`` puts CGR on
 exactly theta_p. ``projection_dims=()`` gives the plain backbone + classifier (methods O, S,
 O+S and UVS-only can still use phi, so all methods share one architecture by default).

@@ -5,8 +5,10 @@
     <root>/manipulated_sequences/<M>/masks/videos/<target>_<source>.mp4           (optional)
     <root>/splits/{train,val,test}.json   (or directly <root>/{train,val,test}.json)
 
-M is one of Deepfakes, Face2Face, FaceSwap, NeuralTextures (the four methods of the paper's
-protocol, the default) and FaceShifter (added later; opt in with ``manipulations``).
+M is one of Deepfakes, Face2Face, FaceSwap, NeuralTextures and FaceShifter. All five are the
+default: CS-DFD trains on 1,000 real and 5,000 fake videos of these five (paper Sec. V-A).
+``manipulations="four"`` gives the original FF++ paper's four (no FaceShifter), the protocol of
+many earlier detectors; a list or a "+"-joined string names any subset.
 
 The official split files (github.com/ondyari/FaceForensics, dataset/splits) list pairs of
 ids [a, b]: 360/70/70 pairs = 720/140/140 real videos. A real XXX belongs to the split whose
@@ -16,6 +18,7 @@ every fake named by a split file but absent on disk is counted as missing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from csdfd_jax.data.layouts.base import (
@@ -33,7 +36,20 @@ from csdfd_jax.data.layouts.base import (
 
 DATASET = "ffpp"
 MANIPULATIONS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures", "FaceShifter")
-DEFAULT_MANIPULATIONS = MANIPULATIONS[:4]
+# Named protocols: "five" (CS-DFD Sec. V-A, the default) and "four" (the FF++ paper's methods).
+PROTOCOLS = {"five": MANIPULATIONS, "four": MANIPULATIONS[:4]}
+DEFAULT_MANIPULATIONS = PROTOCOLS["five"]
+
+
+def resolve_manipulations(spec: str | Sequence[str]) -> tuple[str, ...]:
+  """Manipulation names of a protocol name ("five", "four"), a "+"/","-joined string or a list."""
+  if isinstance(spec, str):
+    if spec in PROTOCOLS:
+      return PROTOCOLS[spec]
+    spec = [m for m in spec.replace(",", "+").split("+") if m]
+  return tuple(spec)
+
+
 COMPRESSIONS = ("raw", "c23", "c40")
 
 
@@ -87,8 +103,8 @@ def index(
   Args:
     root: the FaceForensics++ folder (holding original_sequences/ and manipulated_sequences/).
     compression: "c23" (default, the paper's setting), "c40", or "raw"/"c0".
-    manipulations: the fake methods to include; default the four of the FF++ paper
-      (those absent on disk are noted, not fatal); an explicitly named one must exist.
+    manipulations: the fake methods to include: default all five (those absent on disk are
+      noted, not fatal); "four" for the FF++ paper's four; an explicitly named one must exist.
     splits_dir: folder of the official train/val/test.json (default <root>/splits, then <root>).
     masks: attach ``mask_path`` where manipulated_sequences/<M>/masks/videos has the video.
   """
@@ -111,10 +127,10 @@ def index(
       )
   missing += [str(real_dir / f"{vid}.mp4") for vid in sorted(set(id_split) - set(found))]
 
-  explicit = manipulations is not None
-  if isinstance(manipulations, str):
-    manipulations = [manipulations]
-  chosen = tuple(manipulations) if explicit else DEFAULT_MANIPULATIONS
+  explicit = manipulations is not None and not (
+    isinstance(manipulations, str) and manipulations in PROTOCOLS
+  )
+  chosen = DEFAULT_MANIPULATIONS if manipulations is None else resolve_manipulations(manipulations)
   for m in chosen:
     if m == "DeepFakeDetection":
       raise ValueError("DeepFakeDetection is its own dataset: use the 'dfd' layout")
