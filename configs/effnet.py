@@ -6,6 +6,10 @@ Variants (``--config=configs/effnet.py:<arg>``):
           crops, batch 16 per stream, c = 0.5, tau = 0.01.
   demo    the embedded default: a tiny EfficientNet on the procedural demo faces, a few
           minutes on a 2-core CPU, no download.
+  ffhq_mini  real faces of ../shared/data (FFHQ vs StyleGAN2, DFDC as the unseen domain).
+  k_streams  beyond the paper: CS-DFD over six streams, one per FF++ manipulation (Deepfakes,
+          Face2Face, FaceSwap, NeuralTextures, FaceShifter) and SBI; UVS balances all six and
+          CGR sums Eq. 24 over the stream pairs.
 
 Values the paper does not give (optimizer, schedule, length) follow SBI's recipe
 (Shiohara & Yamasaki 2022): SGD, lr 1e-3, momentum 0.9, constant then linear decay to 0
@@ -44,6 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.cgr = ml_collections.ConfigDict()
   config.cgr.tau = 0.01  # paper Sec. V
   config.cgr.projection = "projection"
+  # "eq24": the paper's diagonal-Hessian step (Eq. 24; ~tau/P of g1 + g2, i.e. inert);
+  # "exact": the exact gradient of the conflict loss Eq. 18 on phi, weighted by cgr.weight.
+  config.cgr.mode = "eq24"
+  config.cgr.weight = 1.0  # exact mode only: L_total = sum_k L_k + weight * L_phi
 
   config.data = ml_collections.ConfigDict()
   config.data.demo = False
@@ -52,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Fakes of stream O: "five" = FF++'s Deepfakes, Face2Face, FaceSwap, NeuralTextures and
   # FaceShifter (paper Sec. V-A); "four" = without FaceShifter; "A+B" names domains; "" = all.
   config.data.fake_domains = "five"
+  # Streams of the multi-stream methods, comma-separated: "" = o, s (the paper's); names as in
+  # csdfd_jax.data.pipeline.default_spec ("o", "s"/"sbi", or a fake domain such as "Deepfakes").
+  config.data.streams = ""
   config.data.image_size = 256  # paper Sec. V-A
   config.data.batch_size = 16  # per stream (paper: 16)
   config.data.train_frames = 8  # frames per training video, spaced uniformly (SBI: 8); 0 = all
@@ -64,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "sgd"  # sgd | adam | adamw
   config.optim.learning_rate = 1e-3
-  config.optim.momentum = 0.9
+  config.optim.momentum = 0.9  # sgd only: another optimizer refuses a non-zero value
   config.optim.weight_decay = 0.0
   config.optim.warmup_steps = 0
   config.optim.decay_start = 0.75  # fraction of training after which lr decays linearly to 0
@@ -101,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.batch_size = 16
     config.data.workers = 0
     config.optim.name = "adam"
+    config.optim.momentum = 0.0  # adam has its own moments; a non-zero value is refused
     config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 20
     config.train.num_steps = 300
@@ -121,14 +133,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.image_size = 128
     config.data.workers = 2
     config.optim.name = "adam"
+    config.optim.momentum = 0.0
     config.optim.learning_rate = 3e-4
     config.optim.warmup_steps = 20
     config.train.num_steps = 200
     config.train.log_every = 10
     config.train.eval_every = 100
     config.train.checkpoint_every = 100
+  elif arg == "k_streams":
+    config.data.streams = "Deepfakes,Face2Face,FaceSwap,NeuralTextures,FaceShifter,sbi"
   elif arg:
     raise ValueError(
-      f"unknown config variant {arg!r} for configs/effnet.py; valid: demo, ffhq_mini"
+      f"unknown config variant {arg!r} for configs/effnet.py; valid: demo, ffhq_mini, k_streams"
     )
   return config

@@ -21,6 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.name = "vit"
   config.model.variant = "vit_large_patch16_224" if arg == "large" else "vit_base_patch16_224"
   config.optim.name = "adamw"
+  config.optim.momentum = 0.0
   config.optim.learning_rate = 3e-5
   config.optim.weight_decay = 0.05
   config.optim.warmup_steps = 1_000

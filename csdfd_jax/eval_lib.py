@@ -376,8 +376,12 @@ def plot_training_curves(workdirs: list[str], out_dir: str) -> list[str]:
   if not logs:
     return []
   out = []
+  os.makedirs(out_dir, exist_ok=True)
+  # Every stream's loss (loss/<stream>, any number of streams) and the stream cosine.
+  losses = sorted({k for rows in logs.values() for r in rows for k in r} - {"loss/total"})
+  losses = tuple(k for k in losses if k.startswith("loss/"))
   for key, title, fname in (
-    (("loss/o", "loss/s"), "per-stream training loss", "loss_curves.png"),
+    (losses, "per-stream training loss", "loss_curves.png"),
     (("stream_cosine",), "cosine between stream gradients", "stream_cosine.png"),
   ):
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from csdfd_jax import methods, metrics, models
 from csdfd_jax.data import pipeline
-from csdfd_jax.methods.step import TrainState, create_train_state, make_predict_fn, make_train_step
+from csdfd_jax.methods.step import TrainState, create_train_state, make_predict_fn, make_step
 from csdfd_jax.models.heads import Detector
 
 # config.data.val_fakes -> the eval pipeline's ``fakes``.
@@ -44,13 +44,7 @@ class TrainingError(RuntimeError):
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Cross-field checks that a locked ConfigDict cannot express."""
-  if config.method not in methods.METHODS:
-    raise ValueError(f"config.method={config.method!r}; valid: {', '.join(methods.METHODS)}")
-  if config.method in ("cgr", "csdfd") and not config.model.projection_dims:
-    raise ValueError(
-      f"method {config.method!r} puts CGR on the projection layer phi, but "
-      "config.model.projection_dims is empty; set e.g. --config.model.projection_dims=512"
-    )
+  methods.module_of(config.method)  # an unknown method fails here, before any compile
   if not (config.data.demo or config.data.records or config.data.mini_root):
     raise ValueError(
       "no training data: set --config.data.records=DIR (ArrayRecords written by "
@@ -148,16 +142,30 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   )
 
 
+# The optim options each optimizer reads; a non-default value of any other is an error.
+_OPTIM_OPTIONS = {"sgd": {"momentum", "weight_decay"}, "adam": set(), "adamw": {"weight_decay"}}
+_OPTIM_NEUTRAL = {"momentum": 0.0, "weight_decay": 0.0}
+
+
 def base_optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule):
   o = config.optim
+  if o.name not in _OPTIM_OPTIONS:
+    raise ValueError(f"config.optim.name={o.name!r}; valid: {', '.join(_OPTIM_OPTIONS)}")
+  ignored = [
+    f"{k}={o[k]}" for k, neutral in _OPTIM_NEUTRAL.items()
+    if k in o and k not in _OPTIM_OPTIONS[o.name] and o[k] != neutral
+  ]  # fmt: skip
+  if ignored:
+    raise ValueError(
+      f"config.optim.name={o.name!r} ignores {', '.join(ignored)}: set them to 0, or use "
+      f"an optimizer that reads them ({', '.join(n for n in _OPTIM_OPTIONS if _OPTIM_OPTIONS[n])})"
+    )
   if o.name == "sgd":
     tx = optax.sgd(lr, momentum=o.momentum or None)
     return optax.chain(optax.add_decayed_weights(o.weight_decay), tx) if o.weight_decay else tx
   if o.name == "adam":
     return optax.adam(lr)
-  if o.name == "adamw":
-    return optax.adamw(lr, weight_decay=o.weight_decay)
-  raise ValueError(f"config.optim.name={o.name!r}; valid: sgd, adam, adamw")
+  return optax.adamw(lr, weight_decay=o.weight_decay)
 
 
 def demo_records(workdir: str, config: ml_collections.ConfigDict) -> str:
@@ -323,14 +331,9 @@ class _Logger:
         self._tb.close()
 
 
-def _device_batch(batch: dict, streams, sharding) -> dict:
-  return {
-    s: {
-      "image": jax.make_array_from_process_local_data(sharding, batch[s]["image"]),
-      "label": jax.make_array_from_process_local_data(sharding, batch[s]["label"]),
-    }
-    for s in streams
-  }
+def _device_batch(batch: dict, sharding) -> dict:
+  """Every field of every stream (image, label, domain, ...) as a global array."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -369,7 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   local_batch = config.data.batch_size // jax.process_count()
   iterator = pipeline.train_iterator(
     records,
-    streams=method.streams,
+    streams=method.stream_specs(),
     batch_size=local_batch,
     image_size=config.data.image_size,
     seed=config.seed,
@@ -390,7 +393,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = int(start or 0)
 
   step_fn = jax.jit(
-    make_train_step(model, tx, method.streams, lr),
+    make_step(
+      method.gradient_fn(model),
+      tx,
+      method.streams,
+      diagnostics=method.diagnostics,
+      learning_rate=lr,
+    ),
     in_shardings=(replicated, data_sharding),
     out_shardings=(replicated, replicated),
     donate_argnums=0,
@@ -409,7 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   t0, steps_timed = time.perf_counter(), 0
   try:
     for step in range(start, num_steps):
-      batch = _device_batch(next(iterator), method.streams, data_sharding)
+      batch = _device_batch(next(iterator), data_sharding)
       state, step_metrics = step_fn(state, batch)
       pending.append(step_metrics)
       if step == start:  # the first step compiles: time the rest

@@ -18,6 +18,7 @@ CASES = [
   (effnet, None),
   (effnet, "demo"),
   (effnet, "ffhq_mini"),
+  (effnet, "k_streams"),
   (vit, None),
   (vit, "large"),
   (vit, "demo"),
@@ -40,6 +41,13 @@ def test_config_builds_its_model(module, arg):
   assert "projection" in shapes["params"] and "classifier" in shapes["params"]
   with pytest.raises(AttributeError):
     config.data.batchsize = 8  # a locked config refuses unknown keys
+
+
+@pytest.mark.parametrize("module,arg", CASES, ids=[f"{m.__name__}:{a}" for m, a in CASES])
+def test_config_optimizer_options_are_all_read(module, arg):
+  """No config sets an option its optimizer would ignore (that is refused at start)."""
+  config = module.get_config(arg)
+  train_lib.base_optimizer(config, train_lib.learning_rate_schedule(config))
 
 
 def test_unknown_variant_is_refused():

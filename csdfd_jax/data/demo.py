@@ -42,6 +42,7 @@ import numpy as np
 from csdfd_jax.data import store as store_lib
 
 SS = 2  # supersampling factor of the drawing canvas
+FAMILY_DOMAIN = {"swap": "swap", "reenact": "reenact"}  # fake generator -> store domain
 SKIN_TONES = np.array(
   [
     (255, 224, 196),
@@ -537,17 +538,27 @@ def make_demo_store(
   test: int = 16,
   unseen: int = 16,
   frames: int = 4,
+  families: tuple[str, ...] = ("swap",),
   overwrite: bool = False,
 ) -> Path:
   """Writes the procedural demo face store and returns its path.
 
   `train`/`val`/`test` are real videos (identities) per split of dataset "demo", each with one
   swap fake; `unseen` real videos of dataset "demo_unseen" (test split), each with one reenact
-  fake; every video has `frames` frames of `size` px. Defaults: 640 crops, a few seconds on
-  one core. A store already built with the same arguments is returned as is; another non-empty
-  directory is an error unless `overwrite`.
+  fake; every video has `frames` frames of `size` px. `families` are the fake generators of
+  dataset "demo", one fake per real video each: "swap" (the default) and "reenact" (the unseen
+  set's generator: with it in training, "demo_unseen" is no longer unseen; it serves runs that
+  need several manipulation streams, such as ``configs/effnet.py:k_streams`` on the demo).
+  Defaults: 640 crops, a few seconds on one core. A store already built with the same
+  arguments is returned as is; another non-empty directory is an error unless `overwrite`.
   """
   params = dict(seed=seed, size=size, train=train, val=val, test=test, unseen=unseen, frames=frames)
+  if tuple(families) != ("swap",):  # the default store's parameters stay as they were
+    unknown = sorted(set(families) - set(FAMILY_DOMAIN))
+    if unknown or not families:
+      raise ValueError(f"families={families!r}: choose from {sorted(FAMILY_DOMAIN)}")
+    params["families"] = list(families)
+  families_of = {"demo": tuple(families), "demo_unseen": ("reenact",)}
   for name in ("train", "val", "test", "unseen"):
     if params[name] == 1 or params[name] < 0:
       raise ValueError(
@@ -584,23 +595,27 @@ def make_demo_store(
   for dataset, split, i, src in plan:
     scene = sample_scene(np.random.default_rng([seed, 2, i]), size)
     shots = [sample_frame(np.random.default_rng([seed, 3, i, f]), scene) for f in range(frames)]
-    reals, fakes = [], []
+    families = families_of[dataset]
+    reals, fakes = [], {family: [] for family in families}
     for f, frame in enumerate(shots):
       image, lm = draw_face(identities[i], scene, frame, size)
       cam = np.random.default_rng([seed, 4, i, f])
       reals.append(store_lib.FaceCrop(camera(image, cam, scene.jpeg_quality), f, 0, lm))
-      rng = np.random.default_rng([seed, 5, i, f])
-      if dataset == "demo":
-        fake, lm_f, mask = swap_frame(image, lm, identities[src], scene, frame, size, rng)
-      else:
-        fake, lm_f, mask = reenact_frame(image, lm, identities[i], scene, frame, size, rng)
-      cam = np.random.default_rng([seed, 6, i, f])
-      fakes.append(store_lib.FaceCrop(camera(fake, cam, scene.jpeg_quality), f, 0, lm_f, mask))
-    domain = "swap" if dataset == "demo" else "reenact"
-    fake_id = f"id{i:03d}_id{src:03d}" if dataset == "demo" else f"id{i:03d}_reenact"
+      for family in families:
+        rng = np.random.default_rng([seed, 5 if family == families[0] else 7, i, f])
+        if family == "swap":
+          fake, lm_f, mask = swap_frame(image, lm, identities[src], scene, frame, size, rng)
+        else:
+          fake, lm_f, mask = reenact_frame(image, lm, identities[i], scene, frame, size, rng)
+        cam = np.random.default_rng([seed, 6 if family == families[0] else 8, i, f])
+        crop = store_lib.FaceCrop(camera(fake, cam, scene.jpeg_quality), f, 0, lm_f, mask)
+        fakes[family].append(crop)
     common = dict(dataset=dataset, split=split, frames_sampled=frames, frames_read=frames)
     writer.save_media(media_id=f"id{i:03d}", label=0, domain="real", crops=reals, **common)
-    writer.save_media(media_id=fake_id, label=1, domain=domain, crops=fakes, **common)
+    for family, crops in fakes.items():
+      fake_id = f"id{i:03d}_id{src:03d}" if family == "swap" else f"id{i:03d}_reenact"
+      writer.save_media(media_id=fake_id, label=1, domain=FAMILY_DOMAIN[family], crops=crops,
+                        **common)  # fmt: skip
   writer.finish(extra={"demo": params})
   return store
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -37,7 +38,16 @@ from csdfd_jax.data.sbi import SBIConfig, sbi_pair
 log = logging.getLogger(__name__)
 
 STREAMS = ("o", "s")
-_POOL_TAGS = {"o_real": 0, "o_fake": 1, "s_real": 2}
+# Pool tags seed the pools' permutations and example rngs. CS-DFD's two streams keep the tags
+# they always had (so their batches are unchanged); any other pool's tag comes from its name,
+# so a stream's data does not depend on which other streams a run declares, or their order.
+_STANDARD_TAGS = {"o_real": 0, "o_fake": 1, "s_real": 2}
+
+
+def pool_tag(pool: str) -> int:
+  return _STANDARD_TAGS.get(pool, zlib.crc32(pool.encode()) + 3)
+
+
 _NUM_STEPS = 2**40  # the train stream is endless; grain needs a length to slice across workers
 _PERM_CACHE = 8
 
@@ -177,22 +187,57 @@ def uniform_frames(media_ids: np.ndarray, frame_indices: np.ndarray, n: int) -> 
   return keep
 
 
-class TrainBatches:
-  """Step → {stream: {"image": uint8[B,H,W,3], "label": int32[B]}}, a pure function of the step.
+class Select(NamedTuple):
+  """Which records: those of ``datasets`` (None: all) and, for fakes, of ``domains`` (None: all;
+  an FF++ protocol name "five"/"four", a "+"-joined string or a tuple, ``resolve_fake_domains``)."""
 
-  Pool ``p`` (O reals, O fakes, S reals) is walked as the endless sequence
+  datasets: tuple[str, ...] | None = None
+  domains: str | tuple[str, ...] | None = None
+
+
+class StreamSpec(NamedTuple):
+  """One training stream: a class-balanced (real, fake) sub-batch per step.
+
+  ``fakes`` is a ``Select`` of stored fakes, or "sbi" for the self-blended fake of each of the
+  stream's reals (paired: fake ``2i+1`` is made from real ``2i``). ``domain_id``, when set, is
+  emitted per sample as ``batch[name]["domain"]`` (int32), for methods that condition on it."""
+
+  name: str
+  fakes: Select | str = Select()
+  reals: Select = Select()
+  domain_id: int | None = None
+
+
+def default_spec(name: str) -> StreamSpec:
+  """The spec a bare stream name stands for: "o" = reals + every stored fake (CS-DFD's original
+  fakes), "s" or "sbi" = reals + their self-blended fakes, any other name = reals + the stored
+  fakes of the domain of that name (e.g. "Deepfakes")."""
+  if name == "o":
+    return StreamSpec("o")
+  if name in ("s", "sbi"):
+    return StreamSpec(name, fakes="sbi")
+  return StreamSpec(name, fakes=Select(domains=(name,)))
+
+
+class TrainBatches:
+  """Step → {stream: {"image": uint8[B,H,W,3], "label": int32[B][, "domain"]}}, a pure function
+  of the step, for any number of declared streams (``StreamSpec``, or names: ``default_spec``).
+
+  Stream ``n`` has a pool of reals ``n_real`` and, unless its fakes are "sbi", a pool of fakes
+  ``n_fake`` (tags: ``pool_tag``). Pool ``p`` is walked as the endless sequence
   ``perm(seed, p, 0) ++ perm(seed, p, 1) ++ ...``; host ``h`` of ``H`` takes, at step ``t``,
   positions ``[(t·H + h)·B/2, (t·H + h + 1)·B/2)`` of each of its stream pools, i.e. its slice of
   the global batch. Example rng: ``default_rng([seed, p, epoch, record])``. Pools hold the
   largest face of each frame (``face_index`` 0) of at most ``frames_per_video`` frames per video
-  (0: all stored frames).
+  (0: all stored frames). ``datasets`` and ``fake_domains`` filter every stream (``fake_domains``
+  only those whose spec names no domains).
   """
 
   def __init__(
     self,
     records: Records,
     *,
-    streams: Sequence[str],
+    streams: Sequence[str | StreamSpec],
     batch_size: int,
     image_size: int,
     seed: int,
@@ -204,14 +249,17 @@ class TrainBatches:
     fake_domains: str | Sequence[str] | None = None,
     frames_per_video: int = 0,
   ):
-    if not streams or set(streams) - set(STREAMS):
-      raise ValueError(f"streams must be a non-empty subset of {STREAMS}, got {streams!r}")
+    specs = tuple(default_spec(s) if isinstance(s, str) else s for s in streams)
+    names = [s.name for s in specs]
+    if not specs or len(set(names)) != len(names):
+      raise ValueError(f"streams must be a non-empty list of distinct streams, got {names}")
     if batch_size < 2 or batch_size % 2:
       raise ValueError(f"batch_size per stream must be even and >= 2, got {batch_size}")
     if not 0 <= shard_index < shard_count:
       raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
     self.records = records
-    self.streams = tuple(s for s in STREAMS if s in streams)
+    self.specs = specs
+    self.streams = tuple(names)
     self.half = batch_size // 2
     self.image_size = image_size
     self.seed = seed
@@ -221,37 +269,45 @@ class TrainBatches:
     meta = records.meta
     # Training reads the largest face of a frame only (face_index 0), and at most
     # ``frames_per_video`` frames per video (SBI trains on 8), spaced uniformly.
-    keep = records.select(datasets, fake_domains) & (meta["face_index"] == 0)
-    keep &= uniform_frames(meta["media_id"], meta["frame_index"], frames_per_video)
+    base = records.select(datasets) & (meta["face_index"] == 0)
+    base &= uniform_frames(meta["media_id"], meta["frame_index"], frames_per_video)
     label, has_lmk = meta["label"], meta["has_landmarks"]
     self.pools: dict[str, np.ndarray] = {}
     self.skipped_no_landmarks = 0
-    if "o" in self.streams:
-      self.pools["o_real"] = np.flatnonzero(keep & (label == 0))
-      self.pools["o_fake"] = np.flatnonzero(keep & (label == 1))
-    if "s" in self.streams:
-      self.skipped_no_landmarks = int((keep & (label == 0) & ~has_lmk).sum())
-      if self.skipped_no_landmarks:
-        log.warning(
-          "stream S: %d real crops without landmarks skipped (SBI needs them)",
-          self.skipped_no_landmarks,
-        )
-      self.pools["s_real"] = np.flatnonzero(keep & (label == 0) & has_lmk)
+    for spec in specs:
+      reals = base & (label == 0) & records.select(spec.reals.datasets)
+      if spec.fakes == "sbi":
+        skipped = int((reals & ~has_lmk).sum())
+        self.skipped_no_landmarks += skipped
+        if skipped:
+          log.warning("stream %s: %d real crops without landmarks skipped (SBI needs them)",
+                      spec.name, skipped)  # fmt: skip
+        reals &= has_lmk
+      else:
+        if not isinstance(spec.fakes, Select):
+          raise ValueError(
+            f"stream {spec.name}: fakes must be a Select or 'sbi', got {spec.fakes!r}"
+          )
+        domains = spec.fakes.domains if spec.fakes.domains is not None else fake_domains
+        fakes = base & (label == 1) & records.select(spec.fakes.datasets, domains)
+        self.pools[f"{spec.name}_fake"] = np.flatnonzero(fakes)
+      self.pools[f"{spec.name}_real"] = np.flatnonzero(reals)
+    self.tags = {pool: pool_tag(pool) for pool in self.pools}
     for name, pool in self.pools.items():
       if not len(pool):
         raise ValueError(
           f"pool {name} of split {records.split!r} is empty after filtering "
-          f"(datasets={datasets}, fake_domains={fake_domains}); stream S needs reals with "
-          "landmarks, stream O needs reals and fakes"
+          f"(datasets={datasets}, fake_domains={fake_domains}, streams={specs}); an SBI stream "
+          "needs reals with landmarks, any other stream needs reals and fakes"
         )
     self._perms: dict[tuple[str, int], np.ndarray] = {}
 
   def _perm(self, pool: str, epoch: int) -> np.ndarray:
     key = (pool, epoch)
     if key not in self._perms:
-      if len(self._perms) >= _PERM_CACHE:
+      if len(self._perms) >= _PERM_CACHE * len(self.pools):
         self._perms.pop(next(iter(self._perms)))
-      rng = np.random.default_rng([self.seed, _POOL_TAGS[pool], epoch])
+      rng = np.random.default_rng([self.seed, self.tags[pool], epoch])
       self._perms[key] = rng.permutation(len(self.pools[pool]))
     return self._perms[key]
 
@@ -263,11 +319,11 @@ class TrainBatches:
     for pos in range(start, start + self.half):
       epoch, j = divmod(pos, n)
       index = int(self.pools[pool][self._perm(pool, epoch)[j]])
-      out.append((index, np.random.default_rng([self.seed, _POOL_TAGS[pool], epoch, index])))
+      out.append((index, np.random.default_rng([self.seed, self.tags[pool], epoch, index])))
     return out
 
-  def _stream_o(self, step: int) -> dict[str, np.ndarray]:
-    real, fake = self.draw("o_real", step), self.draw("o_fake", step)
+  def _stored(self, name: str, step: int) -> dict[str, np.ndarray]:
+    real, fake = self.draw(f"{name}_real", step), self.draw(f"{name}_fake", step)
     drawn = [x for pair in zip(real, fake, strict=True) for x in pair]
     recs = self.records.read([i for i, _ in drawn])
     images = []
@@ -277,8 +333,8 @@ class TrainBatches:
     labels = np.array([rec["label"] for rec in recs], np.int32)
     return {"image": np.stack(images), "label": labels}
 
-  def _stream_s(self, step: int) -> dict[str, np.ndarray]:
-    drawn = self.draw("s_real", step)
+  def _self_blended(self, name: str, step: int) -> dict[str, np.ndarray]:
+    drawn = self.draw(f"{name}_real", step)
     recs = self.records.read([i for i, _ in drawn])
     images = []
     for rec, (_, rng) in zip(recs, drawn, strict=True):
@@ -289,10 +345,11 @@ class TrainBatches:
   def __call__(self, step: int) -> dict[str, dict[str, np.ndarray]]:
     step = int(step)
     out = {}
-    if "o" in self.streams:
-      out["o"] = self._stream_o(step)
-    if "s" in self.streams:
-      out["s"] = self._stream_s(step)
+    for spec in self.specs:
+      make = self._self_blended if spec.fakes == "sbi" else self._stored
+      out[spec.name] = make(spec.name, step)
+      if spec.domain_id is not None:
+        out[spec.name]["domain"] = np.full(2 * self.half, spec.domain_id, np.int32)
     return out
 
 
@@ -383,7 +440,7 @@ def _plan(kind: str, **fields: Any) -> str:
 def train_iterator(
   records_dir: str | Path | Sequence[str | Path],
   *,
-  streams: Sequence[str] = STREAMS,
+  streams: Sequence[str | StreamSpec] = STREAMS,
   batch_size: int,
   image_size: int,
   seed: int,
@@ -426,7 +483,7 @@ def train_iterator(
   plan = _plan(
     "train",
     seed=seed,
-    streams=batches.streams,
+    streams=batches.specs,
     batch_size=batch_size,
     image_size=image_size,
     shard=(shard_index, shard_count),

@@ -1,10 +1,20 @@
-"""The one pure train step every method shares: ``train_step(state, batch) -> (state, metrics)``.
+"""The step every method shares, and the gradient contract a method fills in.
 
-Per-stream gradients at the price of one step (DESIGN): each stream k has its own
-sub-batch (its own reals), and ``jax.vmap`` of ``value_and_grad`` over the stream axis
-returns the stacked gradients [K, ...] that ``uvs``/``cgr`` expect, at the cost of K
-half-size backward passes. Inside the vmap every stream normalises with its own
-BatchNorm batch statistics, exactly as if it were a separate forward pass.
+A method (``csdfd_jax.methods.Method``) produces its own gradients: ``gradients(model)``
+returns a pure ``GradFn (params, model_state, batch, rng) -> Gradients`` whose ``grads`` are
+stacked ``[K, ...]`` over the method's streams (K = 1 for a method that combines them itself),
+with the per-stream losses, the new model state (BatchNorm statistics) and the method's own
+scalars. Its ``transform`` then maps the stacked gradients to one update and the base optimizer
+follows. ``make_step`` keeps everything generic around that: the finite guard, the norms, the
+stream Gram metrics, the method's diagnostics, the learning rate; no method is named here.
+
+``bce`` is the gradient of one stream's binary cross-entropy on one fake logit, and
+``per_stream`` turns any such stream gradient into a ``GradFn`` over K streams: ``jax.vmap``
+over the stream axis, so each stream k has its own sub-batch (its own reals) and the stacked
+gradients cost K half-size backward passes, not K full ones (DESIGN). Inside the vmap every
+stream normalises with its own BatchNorm batch statistics, exactly as if it were a separate
+forward pass. A method that needs extra forward passes (SAM-like perturbations) keeps the
+BatchNorm statistics of its clean pass and discards the others.
 
 BatchNorm running statistics: each stream's forward proposes updated running statistics;
 the new running statistics are their mean over the streams. For an EMA with momentum m this
@@ -22,7 +32,7 @@ stop with the step named and the last good checkpoint intact.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -30,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from csdfd_jax.transforms import gram_matrix, stream_sum
+from csdfd_jax.transforms import CGRState, UVSState, gram_matrix, stream_sum
 
 PyTree = Any
 
@@ -71,63 +81,118 @@ def stream_metrics(grads: PyTree, streams: tuple[str, ...]) -> dict[str, jax.Arr
   return out
 
 
-def opt_state_metrics(opt_state: PyTree) -> dict[str, jax.Array]:
-  """The UVS weights and CGR correction ratio kept in the transforms' states, if present."""
+class Gradients(NamedTuple):
+  """What a method's gradient function returns for one step."""
+
+  grads: PyTree  # stacked [K, ...] over the method's streams
+  losses: jax.Array  # [K], the per-stream losses (logged as loss/<stream>)
+  model_state: PyTree  # the new BatchNorm statistics, already merged over streams
+  metrics: dict[str, jax.Array]  # the method's own scalars, logged as they are
+  aux: dict[str, Any] = {}  # extra outputs (e.g. features) for a method that builds on this
+
+
+GradFn = Callable[[PyTree, PyTree, dict, jax.Array], Gradients]
+# (params, model_state, stream batch, rng) -> (loss, grads, new model state, aux)
+StreamGradFn = Callable[[PyTree, PyTree, dict, jax.Array], tuple[jax.Array, PyTree, PyTree, dict]]
+
+
+def bce(model: nn.Module, *, features: bool = False) -> StreamGradFn:
+  """One stream's mean sigmoid binary cross-entropy on the detector's fake logit (paper Eq. 1),
+  its gradient, the proposed BatchNorm statistics, and ``aux["accuracy"]`` (plus the backbone
+  features ``aux["pooled"]`` when ``features``)."""
+  mutable = ["batch_stats", "intermediates"] if features else ["batch_stats"]
+
+  def loss_fn(params, model_state, stream, rng):
+    logits, mutated = model.apply(
+      {"params": params, "batch_stats": model_state},
+      stream["image"],
+      train=True,
+      rngs={"dropout": rng},
+      mutable=mutable,
+    )
+    labels = stream["label"].astype(jnp.float32)
+    loss = optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+    aux = {"accuracy": jnp.mean((logits > 0) == (labels > 0.5))}
+    if features:
+      aux["pooled"] = mutated["intermediates"]["pooled"][0]
+    return loss, (mutated.get("batch_stats", {}), aux)
+
+  def stream_grad(params, model_state, stream, rng):
+    (loss, (stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, model_state, stream, rng
+    )
+    return loss, grads, stats, aux
+
+  return stream_grad
+
+
+def per_stream(stream_grad: StreamGradFn, streams: tuple[str, ...]) -> GradFn:
+  """The stacked gradients of ``stream_grad`` over ``streams``, each on its own sub-batch
+  (one vmap), with one rng per stream and the BatchNorm proposals averaged (module docstring).
+  Scalar aux values are logged as ``<name>/<stream>``; the rest stay in ``Gradients.aux``
+  stacked over the streams."""
+  vmapped = jax.vmap(stream_grad, in_axes=(None, None, 0, 0))
+
+  def gradients(params, model_state, batch, rng) -> Gradients:
+    stacked = {k: jnp.stack([batch[s][k] for s in streams]) for k in batch[streams[0]]}
+    rngs = jax.random.split(rng, len(streams))
+    losses, grads, stats, aux = vmapped(params, model_state, stacked, rngs)
+    merged = jax.tree.map(lambda x: stream_sum(x) / x.shape[0], stats)
+    metrics = {
+      f"{k}/{s}": v[i] for k, v in aux.items() if v.ndim == 1 for i, s in enumerate(streams)
+    }
+    extra = {k: v for k, v in aux.items() if v.ndim > 1}
+    return Gradients(grads, losses, merged, metrics, extra)
+
+  return gradients
+
+
+def transform_diagnostics(opt_state: PyTree) -> dict[str, jax.Array]:
+  """The scalars the project's transforms keep in their states, found by state type: UVS's
+  stream weights (``uvs_weight/<k>``) and CGR's correction ratio. Two states of one type
+  (two UVS in one optimizer) would make them ambiguous: that is an error, not a guess."""
+  found: dict[type, list] = {UVSState: [], CGRState: []}
+  for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, tuple(found))):
+    if isinstance(node, tuple(found)):
+      found[type(node)].append(node)
+  for kind, states in found.items():
+    if len(states) > 1:
+      raise ValueError(
+        f"the optimizer state holds {len(states)} {kind.__name__}s: their diagnostics would be "
+        "ambiguous. Give the method a diagnostics function that names the one to log."
+      )
   out = {}
-  for field in ("weights", "correction_ratio"):
-    try:
-      value = optax.tree_utils.tree_get(opt_state, field)
-    except KeyError:
-      continue
-    if value is None:
-      continue
-    if field == "weights":
-      out.update({f"uvs_weight/{i}": value[i] for i in range(value.shape[0])})
-    else:
-      out["cgr_correction_ratio"] = value
+  if found[UVSState]:
+    weights = found[UVSState][0].weights
+    out |= {f"uvs_weight/{i}": weights[i] for i in range(weights.shape[0])}
+  if found[CGRState]:
+    out["cgr_correction_ratio"] = found[CGRState][0].correction_ratio
   return out
 
 
-def make_train_step(
-  model: nn.Module,
+def make_step(
+  gradients: GradFn,
   tx: optax.GradientTransformation,
   streams: tuple[str, ...],
+  *,
+  diagnostics: Callable[[PyTree], dict[str, jax.Array]] = transform_diagnostics,
   learning_rate: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The pure step for ``model`` trained by ``tx`` (stacked -> one update, then the base
-  optimizer) on ``streams``; ``batch[s]`` holds ``image`` uint8 [B,H,W,3], ``label`` [B]."""
-
-  def loss_fn(params, batch_stats, images, labels, rng):
-    logits, mutated = model.apply(
-      {"params": params, "batch_stats": batch_stats},
-      images,
-      train=True,
-      rngs={"dropout": rng},
-      mutable=["batch_stats"],
-    )
-    labels = labels.astype(jnp.float32)
-    loss = optax.sigmoid_binary_cross_entropy(logits, labels).mean()
-    accuracy = jnp.mean((logits > 0) == (labels > 0.5))
-    return loss, (mutated.get("batch_stats", {}), accuracy)
-
-  grad_fn = jax.vmap(jax.value_and_grad(loss_fn, has_aux=True), in_axes=(None, None, 0, 0, 0))
+  """The pure ``train_step(state, batch) -> (state, metrics)`` of a method's ``gradients``
+  (stacked over ``streams``) and ``tx`` (stacked -> one update, then the base optimizer);
+  ``batch[s]`` holds ``image`` uint8 [B,H,W,3], ``label`` [B] and any field the method reads.
+  ``diagnostics(opt_state)`` gives the method's scalars read from the optimizer state."""
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    images = jnp.stack([batch[s]["image"] for s in streams])
-    labels = jnp.stack([batch[s]["label"] for s in streams])
-    rngs = jax.random.split(jax.random.fold_in(state.rng, state.step), len(streams))
-    (losses, (stats, accuracy)), grads = grad_fn(
-      state.params, state.batch_stats, images, labels, rngs
-    )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    g = gradients(state.params, state.batch_stats, batch, jax.random.fold_in(state.rng, state.step))
+    updates, opt_state = tx.update(g.grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    batch_stats = jax.tree.map(lambda s: stream_sum(s) / s.shape[0], stats)
 
-    metrics = {f"loss/{s}": losses[i] for i, s in enumerate(streams)}
-    metrics |= {f"accuracy/{s}": accuracy[i] for i, s in enumerate(streams)}
-    metrics |= stream_metrics(grads, streams)
-    metrics |= opt_state_metrics(opt_state)
-    metrics["loss/total"] = jnp.sum(losses)
+    metrics = {f"loss/{s}": g.losses[i] for i, s in enumerate(streams)}
+    metrics |= g.metrics
+    metrics |= stream_metrics(g.grads, streams)
+    metrics |= diagnostics(opt_state)
+    metrics["loss/total"] = jnp.sum(g.losses)
     metrics["update_norm"] = _norm(updates)
     metrics["param_norm"] = _norm(params)
     if learning_rate is not None:
@@ -139,12 +204,30 @@ def make_train_step(
     new_state = state.replace(
       step=state.step + 1,
       params=keep(params, state.params),
-      batch_stats=keep(batch_stats, state.batch_stats),
+      batch_stats=keep(g.model_state, state.batch_stats),
       opt_state=keep(opt_state, state.opt_state),
     )
     return new_state, metrics
 
   return train_step
+
+
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  streams: tuple[str, ...],
+  learning_rate: Callable[[jax.Array], jax.Array] | None = None,
+  *,
+  diagnostics: Callable[[PyTree], dict[str, jax.Array]] = transform_diagnostics,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """``make_step`` with the default gradients, ``per_stream(bce(model), streams)``."""
+  return make_step(
+    per_stream(bce(model), streams),
+    tx,
+    streams,
+    diagnostics=diagnostics,
+    learning_rate=learning_rate,
+  )
 
 
 def make_predict_fn(model: nn.Module) -> Callable[[PyTree, jax.Array], jax.Array]:

@@ -56,11 +56,18 @@ class Detector(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
-    mean = jnp.asarray(self.mean, jnp.float32) * 255.0
-    std = jnp.asarray(self.std, jnp.float32) * 255.0
-    x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
-    f = self.backbone(x, train=train)
+  def __call__(
+    self, images: jnp.ndarray | None, *, train: bool = False, pooled: jnp.ndarray | None = None
+  ) -> jnp.ndarray:
+    """The fake logit [B]; with ``pooled`` (backbone features [B, D]) only the head runs, as
+    the exact conflict-loss gradient of ``methods.csdfd`` needs."""
+    if pooled is None:
+      mean = jnp.asarray(self.mean, jnp.float32) * 255.0
+      std = jnp.asarray(self.std, jnp.float32) * 255.0
+      x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
+      f = self.backbone(x, train=train)
+    else:
+      f = pooled.astype(self.dtype)
     self.sow("intermediates", "pooled", f)
     if self.projection_dims:
       f = Projection(tuple(self.projection_dims), dtype=self.dtype, name="projection")(f)

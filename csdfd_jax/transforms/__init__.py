@@ -12,6 +12,7 @@ from csdfd_jax.transforms.stacked import (
   num_streams,
   stack_streams,
   stream_sum,
+  sum_streams,
 )
 from csdfd_jax.transforms.uvs import UVSSolution, UVSState, solve_dual, uvs, uvs_diagnostics
 
@@ -29,6 +30,7 @@ __all__ = [
   "solve_dual",
   "stack_streams",
   "stream_sum",
+  "sum_streams",
   "uvs",
   "uvs_diagnostics",
 ]

@@ -54,6 +54,8 @@ def csdfd(
   tau: float = 0.01,
   num_streams: int = 2,
   reduction: str = "sum",
+  rest: optax.GradientTransformation | None = None,
+  phi: optax.GradientTransformation | None = None,
   **uvs_options: Any,
 ) -> optax.GradientTransformation:
   """UVS + CGR on stacked stream gradients, followed by ``base`` (Algorithm 1).
@@ -65,6 +67,10 @@ def csdfd(
     c, tau: the paper's hyper-parameters (Eq. 9 and Eq. 23): 0.5 and 0.01.
     num_streams, reduction: as for ``uvs`` and ``cgr``; shared so both halves of
       the network get the same step size.
+    rest: the transform of the non-projection parameters instead of UVS (e.g.
+      ``sum_streams()``: the CGR-only ablation).
+    phi: the transform of the projection parameters instead of CGR's Eq. 24 (e.g.
+      ``sum_streams()`` when the gradients already carry an exact conflict-loss term).
     **uvs_options: further options of ``uvs`` (rescale, num_iters, ...).
 
   Raises (at ``init``) if no parameter matches ``projection``: CGR would silently act
@@ -75,13 +81,11 @@ def csdfd(
   def labels(tree):
     return path_labels(tree, is_projection)
 
-  inner = optax.partition(
-    {
-      "uvs": uvs(c, num_streams=num_streams, reduction=reduction, **uvs_options),
-      "cgr": cgr(tau, num_streams=num_streams, reduction=reduction),
-    },
-    labels,
-  )
+  if rest is None:
+    rest = uvs(c, num_streams=num_streams, reduction=reduction, **uvs_options)
+  if phi is None:
+    phi = cgr(tau, num_streams=num_streams, reduction=reduction)
+  inner = optax.partition({"uvs": rest, "cgr": phi}, labels)
   tx = optax.chain(inner, base)
 
   def init_fn(params):

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 
@@ -131,3 +132,20 @@ def tree_norm(tree: PyTree, scale: jax.Array | None = None) -> jax.Array:
   dtype = _tree_dtype(leaves)
   inv = _inverse(scale, dtype)
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(dtype) * inv)) for x in leaves))
+
+
+def sum_streams(reduction: str = "sum") -> optax.GradientTransformation:
+  """Stacked [K, ...] updates -> their sum (the gradient of L_1 + ... + L_K, CS-DFD Eq. 3) or
+  their mean over the streams (``reduction="mean"``)."""
+  if reduction not in ("sum", "mean"):
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+  def reduce(u):
+    total = stream_sum(u)
+    return total if reduction == "sum" else total / u.shape[0]
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(reduce, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
