@@ -325,3 +325,19 @@ def test_gradient_through_the_update_matches_finite_differences(k):
   assert np.all(np.isfinite(grad)) and np.all(np.isfinite(grad32))
   fd = float(ends[0] - ends[1]) / (2 * h)
   np.testing.assert_allclose(np.sum(grad * direction), fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("kind", ["duplicate", "zero"])
+def test_gradient_through_the_update_is_finite_where_faces_are_singular(k, kind):
+  """Duplicate streams (or all-zero gradients) make a face's bordered KKT matrix singular."""
+  base = np.random.default_rng(k).normal(size=12)
+  g = np.stack([base] * k) if kind == "duplicate" else np.zeros((k, 12))
+
+  def f(x):
+    tx = uvs(0.5, num_streams=k)
+    v, _ = tx.update({"w": x}, tx.init(None))
+    return jnp.sum(v["w"] * jnp.arange(12.0))
+
+  value, grad = jax.value_and_grad(f)(jnp.asarray(g, jnp.float32))
+  assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))

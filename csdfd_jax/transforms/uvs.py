@@ -150,7 +150,8 @@ def _face_points(dual: _Dual, masks: jax.Array) -> jax.Array:
 
   With w = w_ref + z, the Lagrange conditions on the face, b_S + C (r + G z)_S / rho
   + mu 1_S = 0, 1'w = 1, rho = ||g_w||, are linear in z for a fixed rho: z = z0 + rho z1
-  from one bordered (KKT) solve; then ||g_w||^2 = alpha + beta rho^2 gives rho in closed
+  from one bordered (KKT) solve (LU: a batched SVD-based pseudo-inverse cost 4-10x more on
+  CPU, ``bench/solver.py``); then ||g_w||^2 = alpha + beta rho^2 gives rho in closed
   form. The bordered matrix stays well conditioned where G_S is nearly singular along
   1_S (nearly opposite streams). Returns the unclipped w of every face.
   """
@@ -161,7 +162,12 @@ def _face_points(dual: _Dual, masks: jax.Array) -> jax.Array:
   r_f = r + fix @ gh
   q_f = q + 2.0 * fix @ r + jnp.sum(fix * (fix @ gh), axis=-1)
   outer = masks[:, :, None] * masks[:, None, :]
-  block = gh * outer + jnp.eye(k, dtype=gh.dtype) * (1.0 - masks)[:, None, :]
+  # A ridge of a few ulps on the face block keeps every bordered matrix invertible (and its
+  # gradient finite) where G_S is exactly singular along 1_S, e.g. duplicate streams: such a
+  # face's optimum is also attained on a smaller face, which is solved as well.
+  ridge = 16 * jnp.finfo(gh.dtype).eps
+  eye = jnp.eye(k, dtype=gh.dtype)
+  block = (gh + ridge * eye) * outer + eye * (1.0 - masks)[:, None, :]
   zeros = jnp.zeros((n, 1), gh.dtype)
   kkt = jnp.concatenate(
     [
@@ -178,7 +184,7 @@ def _face_points(dual: _Dual, masks: jax.Array) -> jax.Array:
     ],
     axis=-1,
   )
-  sol = jnp.einsum("nij,njm->nim", jnp.linalg.pinv(kkt), rhs)
+  sol = jnp.linalg.solve(kkt, rhs)
   z0, mu0, z1 = sol[:, :k, 0], sol[:, k, 0], sol[:, :k, 1]
   alpha = q_f + jnp.sum(z0 * r_f, axis=-1) - mu0 * s
   beta = jnp.sum(z1 * (z1 @ gh), axis=-1)
@@ -298,11 +304,12 @@ def _solve(dual: _Dual, extra: list[jax.Array], k: int, max_exact_streams: int, 
 
 
 def _gram_solve(gh, a, c, *, num_iters, init_weights, max_exact_streams, polish_steps):
-  """The dual from the (normalised) Gram alone: faces, or FISTA then active-set polish."""
+  """The dual from the (normalised) Gram alone: every face in closed form (exhaustive, so
+  exact, for K <= max_exact_streams), or else FISTA then active-set polish."""
   k = gh.shape[0]
   dual = _gram_dual(gh, a, c)
   extra = []
-  if k >= 3 and num_iters > 0:
+  if max_exact_streams < k and k >= 3 and num_iters > 0:
     tiny = jnp.finfo(gh.dtype).eps
     w0 = jnp.full((k,), 1.0 / k, gh.dtype)
     if init_weights is not None:
