@@ -17,18 +17,16 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import grain.checkpoint
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from csdfd_jax import metrics, train_lib
-from csdfd_jax.data import pipeline
-from csdfd_jax.methods.step import make_predict_fn
+from csdfd_jax import checkpoints, metrics
+from csdfd_jax.data import pipeline, protocols
+from csdfd_jax.models import detector
 
 
 @dataclass(frozen=True)
@@ -86,13 +84,13 @@ def default_test_sets(config: ml_collections.ConfigDict, workdir: str) -> list[T
   if config.eval.test_sets:
     return parse_test_sets(config.eval.test_sets)
   if config.data.demo:
-    records = os.path.join(workdir, "demo_records")
+    records = protocols.locate(config, workdir)
     return [
       TestSet("demo", records, "test", ("demo",)),
       TestSet("demo_unseen", records, "test", ("demo_unseen",)),
     ]
   if config.data.mini_root:
-    records = train_lib.records_dir(config, workdir)
+    records = protocols.locate(config, workdir)
     return [
       TestSet("ffhq_mini", records, "test", ("ffhq_mini",)),
       TestSet("dfdc_sample", records, "test", ("dfdc_sample",)),
@@ -116,15 +114,7 @@ def load_run(workdir: str, which: str | None = None):
   config = load_config(workdir)
   which = which or _setting(config, "train.select", "best")
   sub = "best" if which == "best" else "checkpoints"
-  mngr = ocp.CheckpointManager(
-    os.path.abspath(os.path.join(workdir, sub)),
-    item_names=("state", "data"),
-    item_handlers={
-      "state": ocp.StandardCheckpointHandler(),
-      "data": grain.checkpoint.CheckpointHandler(),
-    },
-  )
-  steps = mngr.all_steps()
+  steps = checkpoints.steps(os.path.join(workdir, sub))
   if not steps:
     if which == "best":
       return load_run(workdir, "last")
@@ -132,17 +122,61 @@ def load_run(workdir: str, which: str | None = None):
   step = max(steps) if which in ("best", "last") else int(which)
   if step not in steps:
     raise FileNotFoundError(f"step {step} not in {sub}: available {sorted(steps)}")
-  # Onto this process's first device, whatever devices (or hosts) the run trained on.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-    mngr.item_metadata(step)["state"],
-  )
-  restore = ocp.args.Composite(state=ocp.args.StandardRestore(target))
-  state = mngr.restore(step, args=restore)["state"]
-  model = train_lib.build_model(config)
+  state = checkpoints.read_state(os.path.join(workdir, sub), step)
+  model = detector.build(config)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   return config, model, variables, step
+
+
+def score_split(
+  predict,
+  variables,
+  records: str,
+  split: str,
+  mesh,
+  datasets=None,
+  *,
+  batch_size: int,
+  image_size: int,
+  fake_domains=None,
+  faces: str = "all",
+  fakes: str = "stored",
+  sbi_seed: int = 0,
+):
+  """Runs ``predict`` (jitted with replicated outputs) over every face of ``split`` (the
+  ``pipeline.eval_batches`` plan); returns face-level arrays, the same on every process."""
+  sharding = NamedSharding(mesh, P("data"))
+  out = {"media_id": [], "frame_index": [], "label": [], "domain": [], "score": []}
+  for batch in pipeline.eval_iterator(
+    records,
+    split,
+    batch_size=batch_size,
+    image_size=image_size,
+    datasets=datasets,
+    fake_domains=fake_domains,
+    faces=faces,
+    fakes=fakes,
+    sbi_seed=sbi_seed,
+  ):
+    # Every process reads the whole split and feeds its devices their rows; ``predict``
+    # returns the scores replicated, so every process holds all of them.
+    host = batch["image"]
+    images = jax.make_array_from_callback(host.shape, sharding, lambda index, a=host: a[index])
+    scores = np.asarray(predict(variables, images))
+    valid = np.asarray(batch["valid"], bool)
+    for k in ("media_id", "frame_index", "label", "domain"):
+      out[k].extend(np.asarray(batch[k])[valid].tolist())
+    out["score"].extend(scores[valid].tolist())
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def face_and_video_auc(scored: dict) -> dict[str, float]:
+  face = metrics.binary_metrics(scored["label"], scored["score"])
+  _, vl, vs = metrics.aggregate_videos(
+    scored["media_id"], scored["frame_index"], scored["label"], scored["score"]
+  )
+  video = metrics.binary_metrics(vl, vs)
+  return {"frame_auc": face["auc"], "video_auc": video["auc"], "n_faces": face["n"]}
 
 
 def subsample_frames(scored: dict, frames_per_video: int) -> dict:
@@ -193,22 +227,22 @@ def score_run(
     "faces_per_frame": faces,
     "no_face": no_face,
   }
-  if batch_size:
-    config.train.eval_batch_size = batch_size
+  batch_size = batch_size or config.train.eval_batch_size
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(AxisType.Auto,))
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
-  predict = jax.jit(make_predict_fn(model), out_shardings=NamedSharding(mesh, P()))
+  predict = jax.jit(detector.predict_fn(model), out_shardings=NamedSharding(mesh, P()))
   results = {}
   for ts in test_sets:
-    scored = train_lib.score_split(
+    scored = score_split(
       predict,
       variables,
       ts.records,
       ts.split,
-      config,
       mesh,
       ts.datasets,
+      batch_size=batch_size,
+      image_size=config.data.image_size,
       fake_domains=ts.fake_domains,
       faces=faces,
     )

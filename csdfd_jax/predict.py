@@ -99,14 +99,14 @@ class Predictor:
   ):
     import jax
 
-    from csdfd_jax.methods.step import make_predict_fn
+    from csdfd_jax.models.detector import predict_fn
 
     self.model = model
     self.variables = jax.device_put(variables)
     self.image_size = int(image_size)
     self.batch_size = batch_size
     self.extractor = FaceExtractor(predictor, face_config or FaceConfig())
-    self._predict = jax.jit(make_predict_fn(model))
+    self._predict = jax.jit(predict_fn(model))
     self.timings = {"decode": 0.0, "detect": 0.0, "model": 0.0}
     self.config, self.step = None, None
 

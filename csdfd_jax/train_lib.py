@@ -15,7 +15,6 @@ import os
 import time
 from typing import Any
 
-import grain.checkpoint  # grain's orbax handler for the loader positions
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,10 +25,13 @@ from absl import logging
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from csdfd_jax import methods, metrics, models
-from csdfd_jax.data import pipeline
-from csdfd_jax.methods.step import TrainState, create_train_state, make_predict_fn, make_step
-from csdfd_jax.models.heads import Detector
+from csdfd_jax import checkpoints, eval_lib, methods
+from csdfd_jax.data import pipeline, protocols
+from csdfd_jax.methods.step import create_train_state, make_step
+from csdfd_jax.models.detector import build as build_model
+from csdfd_jax.models.detector import init_variables, predict_fn
+
+__all__ = ["TrainingError", "build_model", "check_config", "init_variables", "train_and_evaluate"]
 
 # config.data.val_fakes -> the eval pipeline's ``fakes``.
 VAL_FAKES = {"original": "stored", "sbi": "sbi", "both": "both"}
@@ -74,60 +76,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.train_frames={config.data.train_frames}: use >= 1, or 0 for all")
 
 
-def build_model(config: ml_collections.ConfigDict) -> Detector:
-  """The detector of ``config.model``, normalising with its weight source's mean/std."""
-  family = models.family(config.model.name)
-  dtype = jnp.dtype(config.model.dtype)
-  backbone = family.create(config.model.variant, num_classes=0, dtype=dtype)
-  prep = family.preprocessing(config.model.variant)
-  if config.model.init:
-    from csdfd_jax.models import weights
-
-    _, meta = weights.load_variables(config.model.init)
-    if meta.get("family", config.model.name) != config.model.name:
-      raise ValueError(
-        f"{config.model.init} holds {meta['family']} weights but config.model.name is "
-        f"{config.model.name!r}"
-      )
-    prep = meta.get("preprocessing") or prep
-  return Detector(
-    backbone=backbone,
-    mean=tuple(prep["mean"]),
-    std=tuple(prep["std"]),
-    projection_dims=tuple(config.model.projection_dims),
-    dropout=config.model.dropout,
-    dtype=dtype,
-  )
-
-
-def init_variables(model: Detector, config: ml_collections.ConfigDict, seed: int) -> dict:
-  """Random initial variables, with the backbone replaced by ``config.model.init``'s.
-
-  Initialisation is jitted and draws from the "rbg" PRNG: on CPU, compiling Flax's init
-  with the default threefry generator costs several times longer than the init itself
-  (measured 2-3x slower for EfficientNet-tiny), for no benefit to a one-off draw."""
-  size = config.data.image_size
-  init = jax.jit(model.init, static_argnames="train")
-  key = jax.random.key(seed, impl="rbg")
-  variables = init(key, jnp.zeros((1, size, size, 3), jnp.uint8), train=False)
-  variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-  if config.model.init:
-    from csdfd_jax.models import weights
-
-    loaded, _ = weights.load_variables(config.model.init)
-    for collection, tree in loaded.items():
-      if collection not in variables:
-        raise TrainingError(f"{config.model.init}: collection {collection!r} not in the model")
-      weights.check_tree_matches(
-        variables[collection]["backbone"], tree, f"{config.model.init} [{collection}]"
-      )
-      variables[collection] = dict(variables[collection]) | {"backbone": tree}
-    logging.info("backbone initialised from %s", config.model.init)
-  else:
-    logging.warning("config.model.init is empty: the backbone starts from random weights")
-  return variables
-
-
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warm-up, constant, then linear decay to 0 from ``decay_start`` of training."""
   o, n = config.optim, config.train.num_steps
@@ -166,135 +114,6 @@ def base_optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule):
   if o.name == "adam":
     return optax.adam(lr)
   return optax.adamw(lr, weight_decay=o.weight_decay)
-
-
-def demo_records(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Generates the procedural demo faces and their ArrayRecords once per workdir."""
-  from csdfd_jax.data import builder, demo
-
-  store = os.path.join(workdir, "demo_store")
-  records = os.path.join(workdir, "demo_records")
-  if not os.path.exists(os.path.join(records, "DONE")):
-    if not os.path.exists(os.path.join(store, "index.jsonl")):
-      demo.make_demo_store(store, seed=config.seed)
-    builder.build_records(store, records)
-    with open(os.path.join(records, "DONE"), "w") as f:
-      f.write("ok\n")
-  return records
-
-
-def records_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The training records: the demo's or the FFHQ mini protocol's (both prepared once per
-  workdir, by the first process), else ``config.data.records``."""
-  if not (config.data.demo or config.data.mini_root):
-    return config.data.records
-
-  def prepare() -> str:
-    if config.data.demo:
-      return demo_records(workdir, config)
-    from csdfd_jax.data import mini
-
-    out = os.path.join(workdir, "ffhq_mini")
-    return str(mini.prepare_ffhq_mini(config.data.mini_root, out, seed=config.seed)["records"])
-
-  if jax.process_count() == 1:
-    return prepare()
-  # Several processes share the workdir: the first writes the data, the others then find it.
-  from jax.experimental import multihost_utils
-
-  if jax.process_index() == 0:
-    prepare()
-  multihost_utils.sync_global_devices("csdfd_jax: training data prepared")
-  return prepare()
-
-
-# ---------------------------------------------------------------------------- evaluation
-
-
-def score_split(
-  predict,
-  variables,
-  records: str,
-  split: str,
-  config,
-  mesh,
-  datasets=None,
-  *,
-  fake_domains=None,
-  faces: str = "all",
-  fakes: str = "stored",
-):
-  """Runs ``predict`` (jitted with replicated outputs) over every face of ``split`` (the
-  ``pipeline.eval_batches`` plan); returns face-level arrays, the same on every process."""
-  sharding = NamedSharding(mesh, P("data"))
-  out = {"media_id": [], "frame_index": [], "label": [], "domain": [], "score": []}
-  for batch in pipeline.eval_iterator(
-    records,
-    split,
-    batch_size=config.train.eval_batch_size,
-    image_size=config.data.image_size,
-    datasets=datasets,
-    fake_domains=fake_domains,
-    faces=faces,
-    fakes=fakes,
-    sbi_seed=config.seed,
-  ):
-    # Every process reads the whole split and feeds its devices their rows; ``predict``
-    # returns the scores replicated, so every process holds all of them.
-    host = batch["image"]
-    images = jax.make_array_from_callback(host.shape, sharding, lambda index, a=host: a[index])
-    scores = np.asarray(predict(variables, images))
-    valid = np.asarray(batch["valid"], bool)
-    out["media_id"].extend(np.asarray(batch["media_id"])[valid].tolist())
-    out["frame_index"].extend(np.asarray(batch["frame_index"])[valid].tolist())
-    out["label"].extend(np.asarray(batch["label"])[valid].tolist())
-    out["domain"].extend(np.asarray(batch["domain"])[valid].tolist())
-    out["score"].extend(scores[valid].tolist())
-  return {k: np.asarray(v) for k, v in out.items()}
-
-
-def face_and_video_auc(scored: dict) -> dict[str, float]:
-  face = metrics.binary_metrics(scored["label"], scored["score"])
-  _, vl, vs = metrics.aggregate_videos(
-    scored["media_id"], scored["frame_index"], scored["label"], scored["score"]
-  )
-  video = metrics.binary_metrics(vl, vs)
-  return {"frame_auc": face["auc"], "video_auc": video["auc"], "n_faces": face["n"]}
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manager(path: str, keep: int, best: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-    max_to_keep=keep,
-    create=True,
-    best_fn=(lambda m: m["val_auc"]) if best else None,
-    best_mode="max",
-    keep_checkpoints_without_metrics=not best,
-  )
-  return ocp.CheckpointManager(os.path.abspath(path), options=options, item_names=("state", "data"))
-
-
-def _save(mngr, step: int, state: TrainState, iterator, metrics_=None) -> None:
-  """Saves the train state and every process's data-iterator position (grain's handler
-  writes one ``process_<i>-of-<n>.json`` per process)."""
-  args = ocp.args.Composite(
-    state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)
-  )
-  mngr.save(step, args=args, metrics=metrics_)
-
-
-def restore_state(mngr, step: int, abstract_state: TrainState, iterator) -> TrainState:
-  """The train state of ``step``; ``iterator`` is moved to where this process's was."""
-  restored = mngr.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(iterator),
-    ),
-  )
-  return restored["state"]
 
 
 # ---------------------------------------------------------------------------- loop
@@ -368,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Fresh buffers per leaf: optimizer states may alias arrays, and the step donates them.
   state = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), state), replicated)
 
-  records = records_dir(config, workdir)
+  records = protocols.prepare(config, workdir)
   local_batch = config.data.batch_size // jax.process_count()
   iterator = pipeline.train_iterator(
     records,
@@ -383,12 +202,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     shard_count=jax.process_count(),
   )
 
-  ckpt = checkpoint_manager(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-  best = checkpoint_manager(os.path.join(workdir, "best"), 1, best=True)
+  ckpt = checkpoints.manager(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+  best = checkpoints.manager(os.path.join(workdir, "best"), 1, best=True)
   start = ckpt.latest_step()
   if start is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = jax.device_put(restore_state(ckpt, start, abstract, iterator), replicated)
+    state = jax.device_put(checkpoints.restore(ckpt, start, abstract, iterator), replicated)
     logging.info("resumed from step %d in %s", start, workdir)
   start = int(start or 0)
 
@@ -404,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     out_shardings=(replicated, replicated),
     donate_argnums=0,
   )
-  predict = jax.jit(make_predict_fn(model), out_shardings=replicated)
+  predict = jax.jit(predict_fn(model), out_shardings=replicated)
   logger = _Logger(workdir, is_main)
   summary: dict[str, Any] = {"method": config.method, "start_step": start, "workdir": workdir}
   num_steps = config.train.num_steps
@@ -459,24 +278,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       )
       if is_eval:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        scored = score_split(
+        scored = eval_lib.score_split(
           predict,
           variables,
           records,
           config.data.val_split,
-          config,
           mesh,
+          batch_size=config.train.eval_batch_size,
+          image_size=config.data.image_size,
           fake_domains=config.data.fake_domains,
           fakes=VAL_FAKES[config.data.val_fakes],
+          sbi_seed=config.seed,
         )
-        last_val = face_and_video_auc(scored)
+        last_val = eval_lib.face_and_video_auc(scored)
         logger.write(done, {f"val/{k}": v for k, v in last_val.items()})
         select_best = config.train.select == "best"
         if select_best and np.isfinite(last_val["video_auc"]) and last_val["video_auc"] > best_auc:
           best_auc = last_val["video_auc"]
-          _save(best, done, state, iterator, {"val_auc": best_auc})
+          checkpoints.save(best, done, state, iterator, {"val_auc": best_auc})
       if is_ckpt:
-        _save(ckpt, done, state, iterator)
+        checkpoints.save(ckpt, done, state, iterator)
   finally:
     bar.close()
     ckpt.wait_until_finished()

@@ -228,12 +228,3 @@ def make_train_step(
     diagnostics=diagnostics,
     learning_rate=learning_rate,
   )
-
-
-def make_predict_fn(model: nn.Module) -> Callable[[PyTree, jax.Array], jax.Array]:
-  """``predict(variables, images) -> fake probability [B]`` in eval mode."""
-
-  def predict(variables, images):
-    return jax.nn.sigmoid(model.apply(variables, images, train=False))
-
-  return predict

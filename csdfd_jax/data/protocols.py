@@ -1,0 +1,85 @@
+"""Where a run's training records come from: the embedded demo, the FFHQ mini protocol, or a
+records build named by ``config.data.records``.
+
+``prepare(config, workdir)`` builds what is missing (the demo's procedural store and records,
+or the FFHQ mini store and records, once per workdir, by the first process) and returns the
+records directory. ``locate(config, workdir)`` only finds it: evaluation and ``predict`` read a
+run's data through ``locate`` and never write into a store or re-run preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ml_collections
+
+DEMO_RECORDS = "demo_records"
+DEMO_STORE = "demo_store"
+MINI_DIR = "ffhq_mini"
+
+
+def _demo(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """Generates the procedural demo faces and their ArrayRecords once per workdir."""
+  from csdfd_jax.data import builder, demo
+
+  store = os.path.join(workdir, DEMO_STORE)
+  records = os.path.join(workdir, DEMO_RECORDS)
+  if not os.path.exists(os.path.join(records, "DONE")):
+    if not os.path.exists(os.path.join(store, "index.jsonl")):
+      demo.make_demo_store(store, seed=config.seed)
+    builder.build_records(store, records)
+    with open(os.path.join(records, "DONE"), "w") as f:
+      f.write("ok\n")
+  return records
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The training records, prepared if needed (see the module docstring)."""
+  if not (config.data.demo or config.data.mini_root):
+    return config.data.records
+
+  def build() -> str:
+    if config.data.demo:
+      return _demo(workdir, config)
+    from csdfd_jax.data import mini
+
+    out = os.path.join(workdir, MINI_DIR)
+    return str(mini.prepare_ffhq_mini(config.data.mini_root, out, seed=config.seed)["records"])
+
+  import jax
+
+  if jax.process_count() == 1:
+    return build()
+  # Several processes share the workdir: the first writes the data, the others then find it.
+  from jax.experimental import multihost_utils
+
+  if jax.process_index() == 0:
+    build()
+  multihost_utils.sync_global_devices("csdfd_jax: training data prepared")
+  return build()
+
+
+def locate(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The records ``prepare`` made for the run in ``workdir``, read-only; FileNotFoundError when
+  they are not there (the run's data was moved or deleted)."""
+  if not (config.data.demo or config.data.mini_root):
+    return config.data.records
+  from csdfd_jax.data.pipeline import find_build
+
+  if config.data.demo:
+    records = Path(workdir) / DEMO_RECORDS
+    if not (records / "DONE").exists():
+      raise FileNotFoundError(
+        f"{records}: the demo records of this run are missing; run train.py on the workdir again "
+        "to rebuild them (nothing is rebuilt by evaluation)"
+      )
+    return str(records)
+  root = Path(workdir) / MINI_DIR / "records"
+  try:
+    return str(find_build(root))
+  except FileNotFoundError as e:
+    raise FileNotFoundError(
+      f"the FFHQ mini records of this run are missing ({e}); run train.py on the workdir again "
+      "to rebuild them (nothing is rebuilt by evaluation)"
+    ) from None
