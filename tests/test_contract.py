@@ -220,3 +220,19 @@ def test_two_uvs_states_make_the_diagnostics_an_error():
   step = make_step(gradients, tx2, ("o", "s"))
   with pytest.raises(ValueError, match="2 UVSStates"):
     step(state, {})
+
+
+def test_eval_locates_a_runs_records_without_writing(tmp_path):
+  """Evaluation finds a run's demo / FFHQ mini records read-only: missing data is an error
+  naming the fix, never a silent rebuild (today's eval re-ran face preprocessing)."""
+  from csdfd_jax.data import protocols
+
+  for variant in ("demo", "ffhq_mini"):
+    config = effnet.get_config(variant)
+    workdir = tmp_path / variant
+    workdir.mkdir()
+    with pytest.raises(FileNotFoundError, match="run train.py on the workdir again"):
+      protocols.locate(config, str(workdir))
+    with pytest.raises(FileNotFoundError, match="run train.py"):
+      eval_lib.default_test_sets(config, str(workdir))
+    assert list(workdir.iterdir()) == []

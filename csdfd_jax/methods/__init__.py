@@ -32,7 +32,8 @@ import flax.linen as nn
 import optax
 
 from csdfd_jax.data.pipeline import StreamSpec, default_spec
-from csdfd_jax.methods.step import GradFn, bce, per_stream, transform_diagnostics
+from csdfd_jax.methods.step import GradFn, bce, per_stream
+from csdfd_jax.transforms import opt_state_scalars
 
 METHODS = {"O": "erm", "S": "erm", "O+S": "erm", "uvs": "csdfd", "cgr": "csdfd", "csdfd": "csdfd"}
 
@@ -47,7 +48,7 @@ class Method(NamedTuple):
   streams: tuple[str, ...]  # the stream names: the batch's keys and the stacked axis' order
   transform: optax.GradientTransformation  # stacked [K, ...] updates -> one update
   gradients: Callable[[nn.Module], GradFn] | None = None  # None: bce_per_stream(streams)
-  diagnostics: Callable[[Any], dict] = transform_diagnostics  # scalars from the opt state
+  diagnostics: Callable[[Any], dict] = opt_state_scalars  # scalars from the opt state
   specs: tuple[StreamSpec, ...] | None = None  # None: the standard spec of each stream name
 
   def gradient_fn(self, model: nn.Module) -> GradFn:

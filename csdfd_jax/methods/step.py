@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from csdfd_jax.transforms import CGRState, UVSState, gram_matrix, stream_sum
+from csdfd_jax.transforms import gram_matrix, opt_state_scalars, stream_sum
 
 PyTree = Any
 
@@ -147,35 +147,12 @@ def per_stream(stream_grad: StreamGradFn, streams: tuple[str, ...]) -> GradFn:
   return gradients
 
 
-def transform_diagnostics(opt_state: PyTree) -> dict[str, jax.Array]:
-  """The scalars the project's transforms keep in their states, found by state type: UVS's
-  stream weights (``uvs_weight/<k>``) and CGR's correction ratio. Two states of one type
-  (two UVS in one optimizer) would make them ambiguous: that is an error, not a guess."""
-  found: dict[type, list] = {UVSState: [], CGRState: []}
-  for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, tuple(found))):
-    if isinstance(node, tuple(found)):
-      found[type(node)].append(node)
-  for kind, states in found.items():
-    if len(states) > 1:
-      raise ValueError(
-        f"the optimizer state holds {len(states)} {kind.__name__}s: their diagnostics would be "
-        "ambiguous. Give the method a diagnostics function that names the one to log."
-      )
-  out = {}
-  if found[UVSState]:
-    weights = found[UVSState][0].weights
-    out |= {f"uvs_weight/{i}": weights[i] for i in range(weights.shape[0])}
-  if found[CGRState]:
-    out["cgr_correction_ratio"] = found[CGRState][0].correction_ratio
-  return out
-
-
 def make_step(
   gradients: GradFn,
   tx: optax.GradientTransformation,
   streams: tuple[str, ...],
   *,
-  diagnostics: Callable[[PyTree], dict[str, jax.Array]] = transform_diagnostics,
+  diagnostics: Callable[[PyTree], dict[str, jax.Array]] = opt_state_scalars,
   learning_rate: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The pure ``train_step(state, batch) -> (state, metrics)`` of a method's ``gradients``
@@ -218,7 +195,7 @@ def make_train_step(
   streams: tuple[str, ...],
   learning_rate: Callable[[jax.Array], jax.Array] | None = None,
   *,
-  diagnostics: Callable[[PyTree], dict[str, jax.Array]] = transform_diagnostics,
+  diagnostics: Callable[[PyTree], dict[str, jax.Array]] = opt_state_scalars,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``make_step`` with the default gradients, ``per_stream(bce(model), streams)``."""
   return make_step(

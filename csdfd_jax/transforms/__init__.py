@@ -5,7 +5,7 @@ it on its own.
 """
 
 from csdfd_jax.transforms.cgr import CGRState, cgr, cgr_diagnostics
-from csdfd_jax.transforms.partition import csdfd, path_labels
+from csdfd_jax.transforms.partition import csdfd, opt_state_scalars, path_labels
 from csdfd_jax.transforms.stacked import (
   combine,
   gram_matrix,
@@ -26,6 +26,7 @@ __all__ = [
   "csdfd",
   "gram_matrix",
   "num_streams",
+  "opt_state_scalars",
   "path_labels",
   "solve_dual",
   "stack_streams",

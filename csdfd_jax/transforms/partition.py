@@ -17,8 +17,8 @@ from typing import Any
 import jax
 import optax
 
-from csdfd_jax.transforms.cgr import cgr
-from csdfd_jax.transforms.uvs import uvs
+from csdfd_jax.transforms.cgr import CGRState, cgr
+from csdfd_jax.transforms.uvs import UVSState, uvs
 
 PathPredicate = Callable[[tuple[str, ...]], bool]
 
@@ -102,3 +102,26 @@ def csdfd(
     return tx.init(params)
 
   return optax.GradientTransformation(init_fn, tx.update)
+
+
+def opt_state_scalars(opt_state: Any) -> dict[str, jax.Array]:
+  """The scalars this package's transforms keep in their states, found by state type: UVS's
+  stream weights (``uvs_weight/<k>``) and CGR's correction ratio. Two states of one type
+  (two UVS in one optimizer) would make them ambiguous: that is an error, not a guess."""
+  found: dict[type, list] = {UVSState: [], CGRState: []}
+  for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, tuple(found))):
+    if isinstance(node, tuple(found)):
+      found[type(node)].append(node)
+  for kind, states in found.items():
+    if len(states) > 1:
+      raise ValueError(
+        f"the optimizer state holds {len(states)} {kind.__name__}s: their diagnostics would be "
+        "ambiguous. Give the method a diagnostics function that names the one to log."
+      )
+  out = {}
+  if found[UVSState]:
+    weights = found[UVSState][0].weights
+    out |= {f"uvs_weight/{i}": weights[i] for i in range(weights.shape[0])}
+  if found[CGRState]:
+    out["cgr_correction_ratio"] = found[CGRState][0].correction_ratio
+  return out
