@@ -39,13 +39,14 @@ def main(argv) -> None:
   if FLAGS.distributed:
     jax.distributed.initialize(*manual)
   from csdfd_jax import train_lib
+  from csdfd_jax.workdir import WorkdirError
 
   config = FLAGS.config
   config.lock()
   logging.set_verbosity(logging.WARNING)
   try:
     summary = train_lib.train_and_evaluate(config, FLAGS.workdir)
-  except (train_lib.TrainingError, ValueError, FileNotFoundError) as e:
+  except (train_lib.TrainingError, WorkdirError, ValueError, FileNotFoundError) as e:
     sys.exit(f"train.py: {e}")
   print(train_lib.format_summary(summary))
   print(json.dumps({"summary": f"{FLAGS.workdir}/summary.json"}))

@@ -10,6 +10,7 @@ data iterator included, and ends bitwise where an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -26,6 +27,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from csdfd_jax import checkpoints, eval_lib, methods
+from csdfd_jax import workdir as workdir_lib
 from csdfd_jax.data import pipeline, protocols
 from csdfd_jax.methods.step import create_train_state, make_step
 from csdfd_jax.models.detector import build as build_model
@@ -47,6 +49,22 @@ class TrainingError(RuntimeError):
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Cross-field checks that a locked ConfigDict cannot express."""
   methods.module_of(config.method)  # an unknown method fails here, before any compile
+  positive = {
+    "optim.learning_rate": config.optim.learning_rate,
+    "data.image_size": config.data.image_size,
+    "data.batch_size": config.data.batch_size,
+    "train.num_steps": config.train.num_steps,
+    "train.log_every": config.train.log_every,
+    "train.eval_every": config.train.eval_every,
+    "train.checkpoint_every": config.train.checkpoint_every,
+    "train.eval_batch_size": config.train.eval_batch_size,
+  }
+  for key, value in positive.items():
+    if not value > 0:
+      raise ValueError(
+        f"config.{key}={value!r} must be > 0"
+        + (" (a negative learning rate is gradient ascent)" if key == "optim.learning_rate" else "")
+      )
   if not (config.data.demo or config.data.records or config.data.mini_root):
     raise ValueError(
       "no training data: set --config.data.records=DIR (ArrayRecords written by "
@@ -157,10 +175,19 @@ def _device_batch(batch: dict, sharding) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config.method`` for ``config.train.num_steps`` steps in ``workdir``
-  (resuming if it holds checkpoints) and returns the run summary."""
+  (resuming if it holds checkpoints) and returns the run summary. One run per workdir: the
+  first process holds ``<workdir>/LOCK`` (``csdfd_jax.workdir``)."""
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  with workdir_lib.lock(workdir) if is_main else contextlib.nullcontext():
+    return _train_and_evaluate(config, workdir, is_main)
+
+
+def _train_and_evaluate(config, workdir: str, is_main: bool) -> dict[str, Any]:
+  saved = checkpoints.steps(os.path.join(workdir, "checkpoints"))
+  if saved:  # a resume: refused if it changes the run, recorded if it changes the schedule
+    workdir_lib.check_resume(workdir, config, max(saved), record=is_main)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -224,12 +251,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     donate_argnums=0,
   )
   predict = jax.jit(predict_fn(model), out_shardings=replicated)
+  earlier_rows = []
+  if is_main:  # rows of steps after the checkpoint are logged again by this run
+    earlier_rows = workdir_lib.trim_log(os.path.join(workdir, "metrics.jsonl"), start)
   logger = _Logger(workdir, is_main)
   summary: dict[str, Any] = {"method": config.method, "start_step": start, "workdir": workdir}
   num_steps = config.train.num_steps
   images_per_step = config.data.batch_size * len(method.streams)
   pending: list[dict] = []
   best_auc, last_val = -np.inf, {}
+  if config.train.select == "best":  # the best of the whole run, not of this segment
+    earlier = [
+      r["val/video_auc"] for r in earlier_rows if np.isfinite(r.get("val/video_auc", np.nan))
+    ]
+    best_auc = max(earlier, default=-np.inf)
 
   from tqdm import tqdm
 
@@ -305,7 +340,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logger.close()
 
   elapsed = time.perf_counter() - t0
+  previous = {}
+  if start and os.path.isfile(os.path.join(workdir, "summary.json")):
+    with open(os.path.join(workdir, "summary.json")) as f:
+      previous = json.load(f)
+  segments = [
+    *previous.get("segments", []),
+    {"start": start, "end": num_steps, "seconds": round(elapsed, 1)},
+  ]
   summary |= {
+    "segments": segments,
     "end_step": num_steps,
     "steps_run": num_steps - start,
     "seconds": round(elapsed, 1),

@@ -140,6 +140,10 @@ def test_default_config_is_the_paper_protocol():
     ("train.select", "best_val", "select"),
     ("eval.no_face", "zero", "no_face"),
     ("reduction", "max", "reduction"),
+    ("optim.learning_rate", -1e-3, "gradient ascent"),
+    ("train.eval_every", 0, "eval_every"),
+    ("train.log_every", 0, "log_every"),
+    ("data.image_size", 0, "image_size"),
   ],
 )
 def test_protocol_values_are_checked_before_training(key, value, match):

@@ -157,3 +157,12 @@ def test_full_size_parity(name, size):
     want = tmodel(torch.from_numpy(x)).numpy()
   got = _apply(vit.create(name, num_classes=1000), variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
   np.testing.assert_allclose(np.asarray(got), want, **TOL)
+
+
+@pytest.mark.parametrize("size, hint", [(72, "64 or 80"), (8, "e.g. 16 (")])
+def test_sizes_that_are_not_a_multiple_of_the_patch_are_refused(size, hint):
+  """At 72 px an 8 px border would be dropped; below 16 px the model would see nothing."""
+  model = vit.create("tiny")
+  x = jnp.zeros((1, size, size, 3))
+  with pytest.raises(ValueError, match=hint.replace("(", r"\(")):
+    model.init(jax.random.PRNGKey(0), x)

@@ -83,6 +83,14 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     p = self.patch_size
+    h, w = x.shape[1:3]
+    if h % p or w % p or h < p or w < p:
+      near = sorted({max(p, h // p * p), h // p * p + p})
+      raise ValueError(
+        f"ViT input {h}x{w} px is not a multiple of its {p} px patch: the border would be "
+        f"dropped (below {p} px the model would see nothing). Use a multiple of {p}, e.g. "
+        f"{' or '.join(map(str, near))} (--config.data.image_size)"
+      )
     return nn.Conv(self.embed_dim, (p, p), (p, p), "VALID", dtype=self.dtype, name="proj")(x)
 
 
