@@ -321,6 +321,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   if args.frames < 1 or args.batch_size < 1 or args.max_faces < 1:
     sys.exit("predict: --frames, --batch_size and --max_faces must be >= 1")
+  for flag, out in (("--json", args.json), ("--csv", args.csv)):
+    # Checked before any scoring, so that no result is lost at the end.
+    folder = os.path.dirname(os.path.abspath(out)) if out else None
+    if folder and not os.path.isdir(folder):
+      sys.exit(f"predict: {flag} {out}: the folder {folder} does not exist")
+    if folder and not os.access(folder, os.W_OK):
+      sys.exit(f"predict: {flag} {out}: the folder {folder} is not writable")
+  files, _ = expand_paths(args.paths)
+  if not files:
+    sys.exit(
+      f"predict: no image or video file in {', '.join(args.paths)} "
+      f"(image extensions: {', '.join(IMAGE_EXTENSIONS)}; videos: .mp4, .avi, ...)"
+    )
   from csdfd_jax.data.faces import PredictorNotFound
 
   try:

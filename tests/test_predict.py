@@ -258,3 +258,18 @@ def test_after_train_py(tmp_path):
   )
   assert out.returncode == 0, out.stderr
   assert "1 file(s) scored" in out.stdout and "(step 1," in out.stdout
+
+
+def test_outputs_and_inputs_are_checked_before_any_scoring(tmp_path):
+  """A --json into a missing folder used to fail only after all the scoring (results lost); an
+  empty input folder crashed in format_table. Both stop at once, before the run is loaded."""
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (tmp_path / "a.jpg").write_bytes(b"")
+  nowhere = str(tmp_path / "missing" / "out.json")
+  with pytest.raises(SystemExit, match="missing does not exist"):
+    predict.main(
+      ["--workdir", str(tmp_path / "no_run"), "--json", nowhere, str(tmp_path / "a.jpg")]
+    )
+  with pytest.raises(SystemExit, match="no image or video file in"):
+    predict.main(["--workdir", str(tmp_path / "no_run"), str(empty)])

@@ -98,6 +98,20 @@ def test_truncated_mp4_is_unreadable(tmp_path):
     video.read_video(cut, 4)
 
 
+def test_empty_and_oversized_images_are_unreadable_not_fatal(tmp_path, monkeypatch):
+  empty = tmp_path / "empty.png"
+  empty.write_bytes(b"")  # cv2.imdecode asserts on an empty buffer
+  with pytest.raises(UnreadableMedia, match="empty file"):
+    video.read_image(empty)
+  big = tmp_path / "big.png"
+  cv2.imwrite(str(big), np.zeros((30, 40, 3), np.uint8))
+  monkeypatch.setattr(video, "MAX_PIXELS", 1000)  # a 20000 x 20000 PNG, scaled down
+  with pytest.raises(UnreadableMedia, match="40x30 px is above the 1,000 pixel cap"):
+    video.read_image(big)
+  monkeypatch.setattr(video, "MAX_PIXELS", 1200)
+  assert video.read_image(big).shape == (30, 40, 3)
+
+
 def test_truncated_avi_is_sampled_over_its_decodable_frames(tmp_path):
   """The header still says 60 frames; the stream ends early: indices are drawn again."""
   cut = truncate(write_video(tmp_path / "v.avi", 60, "MJPG"), 0.5)

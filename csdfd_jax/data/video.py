@@ -24,6 +24,8 @@ import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Largest image decoded (pixels): a 1 MB PNG of 20000 x 20000 px would take ~1.9 GB of memory.
+MAX_PIXELS = 100_000_000
 KINDS = ("video", "image", "frames")
 
 
@@ -127,12 +129,35 @@ def read_video_at(path: str | os.PathLike, indices: list[int]) -> dict[int, np.n
   return _decode(path, sorted(set(indices)))[0]
 
 
+def _image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+  """(width, height) from the file's header, without decoding it (None: not known)."""
+  from PIL import Image, UnidentifiedImageError
+
+  try:
+    with Image.open(path) as im:
+      return im.size
+  except (UnidentifiedImageError, OSError, ValueError):
+    return None
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-  """An image file as uint8 RGB [H, W, 3]."""
+  """An image file as uint8 RGB [H, W, 3]; UnreadableMedia for a missing, empty, corrupt or
+  oversized (> ``MAX_PIXELS``) file."""
   data = np.fromfile(str(path), np.uint8) if Path(path).is_file() else None
   if data is None:
     raise UnreadableMedia(f"{path}: no such file")
-  bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+  if data.size == 0:
+    raise UnreadableMedia(f"{path}: empty file (0 bytes)")
+  size = _image_size(path)
+  if size is not None and size[0] * size[1] > MAX_PIXELS:
+    raise UnreadableMedia(
+      f"{path}: {size[0]}x{size[1]} px is above the {MAX_PIXELS:,} pixel cap "
+      "(csdfd_jax.data.video.MAX_PIXELS); downscale the image first"
+    )
+  try:
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+  except cv2.error as e:
+    raise UnreadableMedia(f"{path}: not a decodable image ({e.msg.strip() or e})") from None
   if bgr is None:
     raise UnreadableMedia(f"{path}: not a decodable image (truncated or corrupt?)")
   return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
