@@ -463,7 +463,9 @@ def test_deepfakebench_round_trip(tmp_path):
   assert node["label"] == "FF-DF" and node["frames"] == [str(data / "ff/df/000_001/000.png")]
   assert node["masks"] == [str(data / "ff/masks/000_001/000.png")]
   assert raw["FaceForensics++"]["FF-real"]["val"] == {"c23": {}}
-  back = layouts.index("deepfakebench", str(out))
+  # Absolute paths outside the JSON's folder: the data root must be named (or opted into).
+  assert layouts.index("deepfakebench", str(out)).records == []
+  back = layouts.index("deepfakebench", str(out), rgb_dir=str(data))
   assert back.records == original.records and back.missing == []
 
   # Generic dataset (no compression level), images and videos given their frames.
@@ -480,7 +482,7 @@ def test_deepfakebench_round_trip(tmp_path):
   raw = json.loads(out.read_text())
   assert raw["mine"]["mine_real"]["test"]["v"]["frames"] == ["g/crops/v/0.png", "g/crops/v/1.png"]
   assert set(raw["mine"]) == {"mine_real", "mine_fake_gan"}
-  assert layouts.index("deepfakebench", str(out)).records == original.records
+  assert layouts.index("deepfakebench", str(out), rgb_dir=str(data)).records == original.records
   touch(data, "g/fake/x.png")
   bad = base.MediaRecord("fake/x", str(data / "g/fake/x.png"), 1, "test", "mine", "gan", "image")
   with pytest.raises(ValueError, match="int"):

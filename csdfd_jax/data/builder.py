@@ -26,6 +26,7 @@ import collections
 import hashlib
 import json
 import logging
+import os
 import re
 import tempfile
 import types
@@ -160,6 +161,12 @@ class _FaceRecordsBase(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     columns: dict[str, list] = {c: [] for c in _METADATA_COLUMNS}
     self.info.metadata[split] = columns
     for rec in self.by_split[split]:
+      if not _inside(self.store_dir, rec.path) or (
+        rec.mask_path and not _inside(self.store_dir, rec.mask_path)
+      ):
+        self.skipped[f"{split}: path outside the store (refused)"] += 1
+        log.warning("skipping %s: the index names a file outside %s", rec.path, self.store_dir)
+        continue
       try:
         image = _encode_image(self.store_dir / rec.path, self.image_format, self.jpeg_quality)
       except (OSError, ValueError) as e:
@@ -192,6 +199,44 @@ class _FaceRecordsBase(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       for c in _METADATA_COLUMNS:
         columns[c].append(example[c])
       yield len(columns["label"]) - 1, example
+
+
+def _inside(root: Path, relative: str) -> bool:
+  """True when ``root / relative`` stays inside ``root`` (no ``..``, no absolute path)."""
+  full = os.path.normpath(os.path.join(root, relative))
+  return os.path.commonpath([full, os.path.normpath(root)]) == os.path.normpath(root)
+
+
+# The only feature classes a records build may name in its features.json (TFDS imports the
+# module a name points to when it reads a build).
+_FEATURE_PACKAGE = "tensorflow_datasets.core.features."
+
+
+def check_features(build_dir: str | Path) -> None:
+  """Refuses a build whose ``features.json`` names a class outside TFDS's feature package:
+  reading it would import that module (any installed module, by name)."""
+  path = Path(build_dir) / "features.json"
+  if not path.is_file():
+    return
+  names: list[str] = []
+
+  def walk(node: Any) -> None:
+    if isinstance(node, dict):
+      for k, v in node.items():
+        if k == "pythonClassName":
+          names.append(v)
+        walk(v)
+    elif isinstance(node, list):
+      for v in node:
+        walk(v)
+
+  walk(json.loads(path.read_text()))
+  bad = sorted({n for n in names if not (isinstance(n, str) and n.startswith(_FEATURE_PACKAGE))})
+  if bad:
+    raise ValueError(
+      f"{path} names feature classes outside {_FEATURE_PACKAGE}*: {bad}. Reading this build "
+      "would import those modules; it was not written by csdfd_jax.data.builder. Rebuild it."
+    )
 
 
 def faceless_media(store_dir: Path, splits: Sequence[str]) -> dict[str, dict[str, list]]:

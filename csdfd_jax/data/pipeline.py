@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
+from csdfd_jax.data.builder import check_features
 from csdfd_jax.data.framing import resize_face
 from csdfd_jax.data.layouts import ffpp
 from csdfd_jax.data.sbi import SBIConfig, sbi_pair
@@ -87,7 +88,9 @@ class Records:
     columns: dict[str, list[np.ndarray]] = {}
     faceless: dict[str, list[np.ndarray]] = {}
     for d in dirs:
-      builder = tfds.builder_from_directory(str(find_build(d)))
+      build = find_build(d)
+      check_features(build)
+      builder = tfds.builder_from_directory(str(build))
       meta = builder.info.metadata
       if meta is None or split.startswith("_") or split not in meta:
         raise ValueError(

@@ -60,9 +60,16 @@ def index_layout(name: str, root: str, options: dict[str, Any]) -> LayoutIndex:
     module = layouts.get(name)
   except ValueError as e:  # names the valid layouts
     raise UnknownDataset(str(e)) from None
-  if not Path(root).is_dir():
-    raise FileNotFoundError(f"dataset root {root} does not exist or is not a folder (--root)")
+  json_root = module.__name__.endswith(".deepfakebench") and Path(root).is_file()
+  if not (Path(root).is_dir() or json_root):
+    what = (
+      "a folder, or a DeepfakeBench JSON file"
+      if "deepfakebench" in module.__name__
+      else ("a folder")
+    )
+    raise FileNotFoundError(f"dataset root {root} does not exist or is not {what} (--root)")
   accepted = [p for p in inspect.signature(module.index).parameters if p != "root"]
+  accepted.append("allow_outside_root")  # layouts.index: media named outside the root
   unknown = sorted(set(options) - set(accepted))
   if unknown:
     raise ValueError(f"layout {name!r} has no option {unknown}; its options: {accepted}")

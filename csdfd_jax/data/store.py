@@ -31,6 +31,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from csdfd_jax.data.layouts.base import check_name
+
 INDEX = "index.jsonl"
 SUMMARY = "summary.json"
 MEDIA_DIR = "media"
@@ -173,8 +175,10 @@ class StoreWriter:
     """Writes the crops of one media, then commits the media (atomic rename of its JSONL file).
 
     `counters` are stored in the header (e.g. frames_sampled, frames_read, frames_without_face,
-    frame_count); `faces` is set here. Returns the FaceRecords written.
+    frame_count); `faces` is set here. Returns the FaceRecords written. A `dataset` that is
+    not a plain name (``../x``, ``/abs``) is refused: every output path stays in the store.
     """
+    check_name(dataset, "dataset name")
     key = media_key(media_id)
     records = []
     for crop in crops:

@@ -17,10 +17,11 @@ From a shell:
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Any
 
-from csdfd_jax.data.layouts.base import KINDS, SPLITS, LayoutIndex, MediaRecord
+from csdfd_jax.data.layouts.base import KINDS, SPLITS, LayoutIndex, MediaRecord, check_name
 
 NAMES = (
   "celebdf",
@@ -64,7 +65,35 @@ def get(name: str) -> ModuleType:
   return importlib.import_module(f"{__name__}.{module}")
 
 
-def index(name: str, root: str, **options: Any) -> LayoutIndex:
-  """Indexes ``root`` with the layout ``name``; ``options`` go to that module's ``index``."""
+def index(name: str, root: str, *, allow_outside_root: bool = False, **options: Any) -> LayoutIndex:
+  """Indexes ``root`` with the layout ``name``; ``options`` go to that module's ``index``.
+
+  Dataset files (DFDC's metadata.json, a DeepfakeBench JSON, split lists) name media by path.
+  A named path that leaves the dataset root (``../``, an absolute path elsewhere) is refused and
+  counted in the notes, unless ``allow_outside_root``; the root is ``root`` (its folder for a
+  JSON file, or the ``rgb_dir`` option). Dataset names become folder names in a face store, so
+  a name that is not a plain file name is an error."""
   module, defaults = _resolve(name)
-  return importlib.import_module(f"{__name__}.{module}").index(root, **{**defaults, **options})
+  idx = importlib.import_module(f"{__name__}.{module}").index(root, **{**defaults, **options})
+  for dataset in {idx.dataset, *(r.dataset for r in idx.records)}:
+    check_name(dataset, "dataset name")
+  if allow_outside_root:
+    return idx
+  base = options.get("rgb_dir") or (root if os.path.isdir(root) else os.path.dirname(root))
+  base = os.path.normpath(os.path.abspath(base))
+
+  def inside(path: str | None) -> bool:
+    if path is None:
+      return True
+    full = os.path.normpath(os.path.abspath(path))
+    return os.path.commonpath([full, base]) == base
+
+  kept = [r for r in idx.records if inside(r.path) and inside(r.mask_path)]
+  refused = [r for r in idx.records if r not in kept]
+  if not refused:
+    return idx
+  note = (
+    f"{len(refused)} entries name files outside the dataset root {base}, refused "
+    f"(e.g. {refused[0].path}); pass allow_outside_root=True to accept them"
+  )
+  return LayoutIndex(idx.dataset, kept, idx.missing, [*idx.notes, note])

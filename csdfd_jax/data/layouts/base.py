@@ -28,6 +28,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,20 @@ def check_split(split: str) -> str:
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   return split
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def check_name(name: str, what: str) -> str:
+  """``name`` if it can be one path component (letters, digits, ``._+-``, not starting with a
+  dot: no ``..``, no ``/``, not absolute); ValueError naming it otherwise."""
+  if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+    raise ValueError(
+      f"{what} {name!r} is not a plain name (letters, digits and ._+- only, no '..'): it "
+      "becomes a folder name, and must not lead outside the output folder"
+    )
+  return name
 
 
 def finish(
