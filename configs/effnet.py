@@ -82,6 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 40_000
+  # A step whose per-stream loss exceeds this is not applied and training stops, naming it
+  # (BCE at chance is 0.69; only a diverging run gets near 100). 0 disables the bound.
+  config.train.max_loss = 100.0
   config.train.log_every = 50
   config.train.eval_every = 1_000
   # The checkpoint eval.py scores: "last" (SBI's choice: no selection on any data) or "best"

@@ -245,6 +245,7 @@ def _train_and_evaluate(config, workdir: str, is_main: bool) -> dict[str, Any]:
       method.streams,
       diagnostics=method.diagnostics,
       learning_rate=lr,
+      max_loss=config.train.max_loss or None,
     ),
     in_shardings=(replicated, data_sharding),
     out_shardings=(replicated, replicated),
@@ -298,10 +299,16 @@ def _train_and_evaluate(config, workdir: str, is_main: bool) -> dict[str, Any]:
             if last is not None
             else "No checkpoint was saved before it"
           )
+          losses = {k: float(v) for k, v in m.items() if k.startswith("loss/")}
+          cause = (
+            "non-finite loss or update"
+            if not all(np.isfinite(list(losses.values()))) or not np.isfinite(m["update_norm"])
+            else f"loss above config.train.max_loss={config.train.max_loss} (diverging)"
+          )
           raise TrainingError(
-            f"non-finite loss or update at step {bad} (loss {m['loss/total']!r}); the update "
-            f"was not applied and training stopped. {kept}. Lower "
-            "config.optim.learning_rate or check the data of that step."
+            f"{cause} at step {bad} (losses {losses}); the update was not applied and "
+            f"training stopped. {kept}. Lower config.optim.learning_rate or check the data "
+            "of that step."
           )
       mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "finite"}
       pending = []

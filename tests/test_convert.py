@@ -179,3 +179,32 @@ def test_cli_is_generic_over_families(tmp_path):
     variables,
     vit.convert_timm({k: v.numpy() for k, v in ref.state_dict().items()}, "tiny"),
   )
+
+
+def test_damaged_weight_files_are_named(tmp_path):
+  """int32 or NaN weights, a corrupt sidecar and a .pth that needs code to unpickle are each
+  refused with the file named, not met later as a crash in jax.grad or blamed on the lr."""
+  import pickle
+
+  from csdfd_jax.models import weights
+
+  reference = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+  with pytest.raises(WeightMappingError, match="dtype of \\['w'\\]: int32"):
+    weights.check_tree_matches(reference, {"w": np.zeros((2, 3), np.int32), "b": reference["b"]})
+  nan = {"w": np.full((2, 3), np.nan, np.float32), "b": reference["b"]}
+  with pytest.raises(WeightMappingError, match="6 non-finite values"):
+    weights.check_tree_matches(reference, nan)
+  path = tmp_path / "w.npz"
+  weights.save_variables(path, {"params": reference}, {"family": "efficientnet"})
+  (tmp_path / "w.json").write_text("{not json")
+  with pytest.raises(WeightMappingError, match="w.json: the metadata beside"):
+    load_variables(path)
+
+  class Evil:
+    def __reduce__(self):
+      return (print, ("pwned",))
+
+  evil = tmp_path / "evil.pth"
+  evil.write_bytes(pickle.dumps({"w": Evil()}))
+  with pytest.raises(WeightMappingError, match="evil.pth: refused or unreadable"):
+    weights.load_state_dict(evil)

@@ -297,6 +297,17 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
+def test_a_divergence_that_stays_finite_is_caught_by_the_loss_bound(records, tmp_path):
+  """At a huge learning rate the logits explode but stay finite: the loss bound names the step
+  (this used to run on until validation failed with non-finite scores, naming nothing)."""
+  config = tiny_config(records, "O", steps=6)
+  config.optim.learning_rate = 1e3
+  config.optim.warmup_steps = 0
+  config.train.max_loss = 20.0
+  with pytest.raises(train_lib.TrainingError, match="loss above config.train.max_loss=20.0"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+
+
 def test_mistyped_config_key_fails_with_the_valid_keys(tmp_path):
   done = subprocess.run(
     [

@@ -154,11 +154,14 @@ def make_step(
   *,
   diagnostics: Callable[[PyTree], dict[str, jax.Array]] = opt_state_scalars,
   learning_rate: Callable[[jax.Array], jax.Array] | None = None,
+  max_loss: float | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The pure ``train_step(state, batch) -> (state, metrics)`` of a method's ``gradients``
   (stacked over ``streams``) and ``tx`` (stacked -> one update, then the base optimizer);
   ``batch[s]`` holds ``image`` uint8 [B,H,W,3], ``label`` [B] and any field the method reads.
-  ``diagnostics(opt_state)`` gives the method's scalars read from the optimizer state."""
+  ``diagnostics(opt_state)`` gives the method's scalars read from the optimizer state. A step
+  is not applied (``finite = 0``) when the loss, the update or the new parameters are not
+  finite, or when a stream's loss exceeds ``max_loss`` (a divergence that stays finite)."""
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     g = gradients(state.params, state.batch_stats, batch, jax.random.fold_in(state.rng, state.step))
@@ -175,6 +178,9 @@ def make_step(
     if learning_rate is not None:
       metrics["learning_rate"] = learning_rate(state.step)
     finite = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(metrics["update_norm"])
+    finite &= jnp.isfinite(metrics["param_norm"])
+    if max_loss is not None:
+      finite &= jnp.max(g.losses) <= max_loss
     metrics["finite"] = finite.astype(jnp.int32)
 
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731

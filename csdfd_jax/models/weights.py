@@ -44,7 +44,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if suffix in (".pth", ".pt", ".bin", ".ckpt"):
     import torch
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
+      raise WeightMappingError(
+        f"{path}: refused or unreadable as a PyTorch state dict ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:200]}). Only plain tensors are loaded (weights_only=True): "
+        "a file that needs code to unpickle is refused"
+      ) from None
     for wrapper in ("state_dict_ema", "state_dict", "model"):
       if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
         obj = obj[wrapper]
@@ -119,7 +126,8 @@ class StrictMapping:
 
 def check_tree_matches(reference: Any, loaded: Any, what: str = "converted weights") -> None:
   """Raises if ``loaded`` differs from ``reference`` (e.g. ``jax.eval_shape`` of
-  ``model.init``) in tree structure, any leaf shape, or any leaf dtype kind."""
+  ``model.init``) in tree structure, any leaf shape, or any leaf dtype kind, or holds a
+  non-finite float (a damaged file, not the learning rate's fault)."""
   import jax
 
   ref_paths = dict(jax.tree_util.tree_flatten_with_path(reference)[0])
@@ -128,8 +136,17 @@ def check_tree_matches(reference: Any, loaded: Any, what: str = "converted weigh
   problems = [f"missing {fmt(p)}" for p in ref_paths if p not in got_paths]
   problems += [f"unexpected {fmt(p)}" for p in got_paths if p not in ref_paths]
   for p, ref in ref_paths.items():
-    if p in got_paths and tuple(np.shape(got_paths[p])) != tuple(ref.shape):
-      problems.append(f"shape of {fmt(p)}: {np.shape(got_paths[p])} vs model {tuple(ref.shape)}")
+    if p not in got_paths:
+      continue
+    got = got_paths[p]
+    if tuple(np.shape(got)) != tuple(ref.shape):
+      problems.append(f"shape of {fmt(p)}: {np.shape(got)} vs model {tuple(ref.shape)}")
+    kind, ref_kind = np.asarray(got).dtype.kind, np.dtype(ref.dtype).kind
+    if kind != ref_kind and {kind, ref_kind} != {"f", "V"}:  # V: bfloat16 seen by numpy
+      problems.append(f"dtype of {fmt(p)}: {np.asarray(got).dtype} vs model {ref.dtype}")
+    elif kind == "f" and not np.all(np.isfinite(got)):
+      bad = int(np.size(got) - np.sum(np.isfinite(got)))
+      problems.append(f"{fmt(p)} holds {bad} non-finite values (NaN/inf): the file is damaged")
   if problems:
     raise WeightMappingError(f"{what} do not match the model:\n  " + "\n  ".join(problems[:50]))
 
@@ -175,6 +192,12 @@ def load_variables(path: str | os.PathLike) -> tuple[dict, dict]:
   meta_path = sidecar_path(path)
   metadata = {}
   if os.path.isfile(meta_path):
-    with open(meta_path) as f:
-      metadata = json.load(f)
+    try:
+      with open(meta_path) as f:
+        metadata = json.load(f)
+    except (OSError, ValueError) as e:
+      raise WeightMappingError(
+        f"{meta_path}: the metadata beside {path} is not valid JSON ({e}); convert the "
+        "weights again with python -m csdfd_jax.models.convert"
+      ) from None
   return variables, metadata
