@@ -200,3 +200,23 @@ def test_stale_build_is_refused_until_overwrite(tmp_path):
     builder.build_records(tmp_path / "st", tmp_path / "rec")
   out = builder.build_records(tmp_path / "st", tmp_path / "rec", overwrite=True)
   assert sum(len(c["label"]) for c in builder.read_metadata(out).values()) == 3
+
+
+def test_a_truncated_png_with_a_valid_header_is_skipped_and_counted(tmp_path):
+  """The header check alone passed it, and training crashed at step 1 naming no record."""
+  written = write_store(tmp_path / "st", GROUPS[:2], solid=False)
+  path = tmp_path / "st" / written[3].path
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])  # IHDR intact, image data cut
+  out = builder.build_records(tmp_path / "st", tmp_path / "rec")
+  assert json.loads((out / "skipped.json").read_text()) == {"train: unreadable image": 1}
+  assert len(tfds.builder_from_directory(str(out)).as_data_source("train")) == len(written) - 1
+
+
+def test_a_corrupt_index_line_is_named(tmp_path):
+  write_store(tmp_path / "st", GROUPS[:1])
+  index = tmp_path / "st" / "index.jsonl"
+  lines = index.read_text().splitlines()
+  index.write_text("\n".join([lines[0], '{"path": "faces/x.png", "media_id": ', *lines[1:]]) + "\n")
+  with pytest.raises(ValueError, match=r"index.jsonl, line 2: .*re-run preprocess"):
+    store.read_index(tmp_path / "st")

@@ -96,11 +96,14 @@ def _encode_image(path: Path, image_format: str, jpeg_quality: int) -> bytes:
   """Encoded RGB bytes for the record: the store's PNG as is when it already decodes to 3 channels,
   else decoded and re-encoded with OpenCV (BGR in, so TFDS's OpenCV decoder gives back RGB)."""
   data = path.read_bytes()
+  try:  # a full decode: a truncated PNG has a valid header and fails only here
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+  except cv2.error:
+    bgr = None
+  if bgr is None:
+    raise ValueError(f"undecodable image {path} (empty, truncated or corrupt)")
   if image_format == "png" and _is_rgb8_png(data):
     return data
-  bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-  if bgr is None:
-    raise ValueError(f"undecodable image {path}")
   params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if image_format == "jpeg" else []
   return cv2.imencode(".jpg" if image_format == "jpeg" else ".png", bgr, params)[1].tobytes()
 

@@ -133,7 +133,16 @@ class Records:
     for k in np.unique(build):
       where = np.flatnonzero(build == k)
       local = (indices[where] - self.offsets[k]).tolist()
-      for i, rec in zip(where, self.sources[k].__getitems__(local), strict=True):
+      try:
+        recs = self.sources[k].__getitems__(local)
+      except Exception as e:  # noqa: BLE001 - TFDS decoders raise many kinds
+        ids = [str(self.meta["media_id"][i]) for i in indices[where]]
+        raise ValueError(
+          f"split {self.split!r}: could not decode records {local} of build {k} (media "
+          f"{sorted(set(ids))[:5]}): {type(e).__name__}: {e}. Rebuild the records with "
+          "`python -m csdfd_jax.data.builder --overwrite`, which checks every image"
+        ) from e
+      for i, rec in zip(where, recs, strict=True):
         out[i] = rec
     return out
 

@@ -106,8 +106,19 @@ def read_index(store: str | os.PathLike) -> list[FaceRecord]:
       f"{path} not found: is {store} a face store? "
       "Build one with `python -m csdfd_jax.data.preprocess`."
     )
+  out = []
   with path.open() as f:
-    return [FaceRecord.from_dict(json.loads(line)) for line in f if line.strip()]
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        out.append(FaceRecord.from_dict(json.loads(line)))
+      except (ValueError, TypeError) as e:
+        raise ValueError(
+          f"{path}, line {number}: not a face record ({e}). The index is derived data: re-run "
+          "preprocess on the same --out to rebuild it from the committed media"
+        ) from None
+  return out
 
 
 def _media_files(store: Path) -> list[Path]:
