@@ -28,6 +28,17 @@ flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
 flags.mark_flags_as_required(["workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config-file and override errors (a missing file, a mistyped
+  key, a wrongly typed value) as one clear line instead of ml_collections' traceback."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - config_flags raises AttributeError, KeyError, ...
+    text = str(e.args[0] if e.args else e).strip().strip("'\"").replace("\\n", " ")
+    text = " ".join(line.strip() for line in text.replace("\\'", "'").splitlines() if line.strip())
+    sys.exit(f"train.py: bad flag or config ({type(e).__name__}): {text}")
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -41,8 +52,11 @@ def main(argv) -> None:
   from csdfd_jax import train_lib
   from csdfd_jax.workdir import WorkdirError
 
-  config = FLAGS.config
-  config.lock()
+  try:
+    config = FLAGS.config
+    config.lock()
+  except OSError as e:  # ml_collections defers a config file's load error to its first use
+    sys.exit(f"train.py: {' '.join(str(e).split())}")
   logging.set_verbosity(logging.WARNING)
   try:
     summary = train_lib.train_and_evaluate(config, FLAGS.workdir)
@@ -53,4 +67,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -325,6 +325,22 @@ def test_mistyped_config_key_fails_with_the_valid_keys(tmp_path):
   assert "learnig_rate" in done.stderr and "learning_rate" in done.stderr
 
 
+@pytest.mark.parametrize(
+  "flag, expected",
+  [
+    ("--config.optim.learnig_rate=0.1", 'Did you mean "learning_rate"'),
+    (f"--config={ROOT / 'configs' / 'nope.py'}", "No such file or directory"),
+  ],
+)
+def test_config_errors_are_one_line_not_a_traceback(tmp_path, flag, expected):
+  args = [f"--config={ROOT / 'configs' / 'effnet.py'}:demo", f"--workdir={tmp_path}", flag]
+  done = subprocess.run(
+    [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True
+  )
+  assert done.returncode != 0 and expected in done.stderr
+  assert "Traceback" not in done.stderr, done.stderr
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
   config = effnet.get_config()
   with pytest.raises(ValueError, match="config.data.records"):
