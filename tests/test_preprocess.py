@@ -280,6 +280,53 @@ def test_clear_errors(tmp_path, capsys):
   assert "/nope.dat" in message and "pip install face-recognition-models" in message
 
 
+def _children(pid: int) -> list[int]:
+  out = []
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid:
+      out.append(int(stat.parent.name))
+  return out
+
+
+def _alive(pid: int) -> bool:
+  try:
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+  except OSError:
+    return False
+  return state != "Z"
+
+
+@needs_ffhq
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_workers_die_with_a_sigkilled_parent(tmp_path):
+  """Only the parent is killed (not its process group): its workers must not hang on."""
+  root = _ffhq_folder(tmp_path, 16)
+  args = ["--dataset", "folder", "--root", str(root), "--frames", "1", "--no-progress"]
+  out = tmp_path / "out"
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "csdfd_jax.data.preprocess", *args, "--out", str(out), "--workers=2"],
+    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+  )  # fmt: skip
+  deadline = time.monotonic() + 120
+  while len(done_media(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  workers = _children(proc.pid)
+  assert workers, "no worker process found"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  deadline = time.monotonic() + 20
+  while any(map(_alive, workers)) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  survivors = [w for w in workers if _alive(w)]
+  for w in survivors:
+    os.kill(w, signal.SIGKILL)
+  assert not survivors, f"workers {survivors} outlived their parent"
+
+
 @needs_ffhq
 def test_killed_run_resumes_to_the_same_index(tmp_path):
   """SIGKILL mid-run (main process and workers), rerun, compare with a clean run."""

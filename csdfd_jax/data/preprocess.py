@@ -22,6 +22,7 @@ import inspect
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import traceback
@@ -129,10 +130,25 @@ def process_media(
 _WORKER: dict[str, Any] = {}
 
 
+def die_with_parent() -> None:
+  """Linux: ask the kernel to SIGKILL this (worker) process when its parent dies, so that a
+  killed preprocess leaves no orphaned workers behind (each holds a dlib model, ~200 MB)."""
+  if not sys.platform.startswith("linux"):
+    return
+  import ctypes
+
+  libc = ctypes.CDLL(None, use_errno=True)
+  pr_set_pdeathsig = 1
+  libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+  if os.getppid() == 1:  # the parent died before the request was made
+    os._exit(1)
+
+
 def _init_worker(
   store: str, predictor: str, config: FaceConfig, num_frames: int, pool: bool
 ) -> None:
   if pool:  # one process per core: no OpenCV thread pool on top
+    die_with_parent()
     cv2.setNumThreads(1)
   _WORKER.update(
     extractor=FaceExtractor(predictor, config),
