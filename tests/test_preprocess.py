@@ -17,7 +17,7 @@ import pytest
 from csdfd_jax.data import preprocess, video
 from csdfd_jax.data.faces import FaceConfig
 from csdfd_jax.data.layouts.base import MediaRecord
-from csdfd_jax.data.store import done_media, read_index
+from csdfd_jax.data.store import done_media, read_index, read_media_headers
 from csdfd_jax.data.video import UnreadableMedia
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,6 +168,25 @@ def _ffhq_folder(tmp_path: Path, reals: int, fakes: int = 0) -> Path:
     for p in sorted(src.glob("*.jpg"))[:n]:
       (root / cls / p.name).symlink_to(p)
   return root
+
+
+@needs_ffhq
+def test_unreadable_media_are_retried_on_request_after_a_repair(tmp_path):
+  root = _ffhq_folder(tmp_path, 2)
+  broken = root / "real" / "broken.jpg"
+  broken.write_bytes(b"")  # a 0-byte download
+  args = ["--dataset", "folder", "--root", str(root), "--frames", "1", "--no-progress"]
+  out = ["--out", str(tmp_path / "store")]
+  assert preprocess.main([*args, *out]) == 0
+  status = {h["media_id"]: h["status"] for h in read_media_headers(tmp_path / "store")}
+  assert list(status.values()).count("unreadable") == 1
+  broken.unlink()
+  broken.symlink_to(sorted(FFHQ.glob("*.jpg"))[5])  # repaired
+  assert preprocess.main([*args, *out]) == 0  # a plain rerun skips what is committed
+  assert [h["status"] for h in read_media_headers(tmp_path / "store")].count("unreadable") == 1
+  assert preprocess.main([*args, *out, "--retry-unreadable"]) == 0
+  assert {h["status"] for h in read_media_headers(tmp_path / "store")} == {"ok"}
+  assert len(read_index(tmp_path / "store")) == 3
 
 
 def _index_lines(store: Path) -> list[str]:

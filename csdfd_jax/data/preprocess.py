@@ -260,8 +260,11 @@ def run(
   splits: Sequence[str] | None = None,
   layout_options: dict[str, Any] | None = None,
   progress: bool = True,
+  retry_unreadable: bool = False,
 ) -> dict[str, Any]:
-  """Preprocesses one dataset into the store `out`; returns the summary (also in summary.json)."""
+  """Preprocesses one dataset into the store `out`; returns the summary (also in summary.json).
+  ``retry_unreadable``: media committed as unreadable by an earlier run are read again (after
+  the files were repaired); everything else committed is skipped as usual."""
   predictor = resolve_predictor(predictor)  # fail on a missing predictor before indexing
   layout = index_layout(dataset, root, layout_options or {})
   records = [r for r in layout.records if splits is None or r.split in splits]
@@ -275,6 +278,7 @@ def run(
     workers=workers,
     predictor=predictor,
     progress=progress,
+    retry_unreadable=retry_unreadable,
     desc=f"{dataset} faces",
     extra=dict(
       dataset=dataset,
@@ -297,6 +301,7 @@ def run_records(
   progress: bool = True,
   desc: str = "faces",
   extra: dict[str, Any] | None = None,
+  retry_unreadable: bool = False,
 ) -> dict[str, Any]:
   """Preprocesses the given media records into the store `out` (those already committed are
   skipped); returns the store summary, whose ``last_run`` holds this run's counts, the
@@ -317,6 +322,12 @@ def run_records(
     ),
   )
   done = store_lib.done_media(store)
+  if retry_unreadable:
+    done -= {
+      (h["dataset"], h["media_id"])
+      for h in store_lib.read_media_headers(store)
+      if h["status"] == store_lib.UNREADABLE
+    }
   todo = [r for r in records if (r.dataset, r.media_id) not in done]
   stats = dict(
     processed=0, unreadable=0, without_face=0, frames_read=0, frames_without_face=0, faces=0
@@ -454,6 +465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="layout option")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument(
+    "--retry-unreadable",
+    action="store_true",
+    help="read again the media an earlier run committed as unreadable (after repairing them)",
+  )
   args = p.parse_args(argv)
   config = FaceConfig(
     size=args.size,
@@ -476,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       splits=args.splits,
       layout_options=_parse_options(args.option),
       progress=not args.no_progress,
+      retry_unreadable=args.retry_unreadable,
     )
   except (UnknownDataset, PredictorNotFound, StoreMismatch, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
