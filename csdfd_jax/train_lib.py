@@ -178,9 +178,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   (resuming if it holds checkpoints) and returns the run summary. One run per workdir: the
   first process holds ``<workdir>/LOCK`` (``csdfd_jax.workdir``)."""
   check_config(config)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  with workdir_lib.lock(workdir) if is_main else contextlib.nullcontext():
+  with contextlib.ExitStack() as stack:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      if is_main:
+        stack.enter_context(workdir_lib.lock(workdir))
+    except OSError as e:
+      raise workdir_lib.WorkdirError(
+        f"cannot write to the workdir {workdir}: {e.strerror or e} ({type(e).__name__}). "
+        "Pick a writable --workdir"
+      ) from None
     return _train_and_evaluate(config, workdir, is_main)
 
 

@@ -96,3 +96,11 @@ def test_a_resume_refuses_another_run_and_records_compatible_changes(records, tm
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f if '"loss/total"' in line]
   assert steps == [1, 2, 3, 4]
+
+
+def test_an_unwritable_workdir_is_one_clear_error(records, tmp_path):
+  """(As root, permission bits do not stop writes: a path under a file stands in for them.)"""
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(workdir_lib.WorkdirError, match="cannot write to the workdir"):
+    train_lib.train_and_evaluate(tiny(records, 2), str(blocker / "run"))
