@@ -168,6 +168,39 @@ class _Logger:
         self._tb.close()
 
 
+def _io_cause(e: BaseException) -> str:
+  """The first OSError in an exception's chain, as one line (ENOSPC, EROFS, ...)."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, OSError):
+      where = f" ({seen.filename})" if seen.filename else ""
+      return f"{seen.strerror or seen}{where}"
+    seen = seen.__cause__ or seen.__context__
+  return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _save(mngr, step: int, state, iterator, metrics_=None) -> None:
+  """Saves a checkpoint; an earlier asynchronous save that failed stops training here, at the
+  first save after it, with one line naming the folder and the cause."""
+  try:
+    mngr.check_for_errors()
+    checkpoints.save(mngr, step, state, iterator, metrics_)
+  except Exception as e:  # noqa: BLE001 - orbax wraps the I/O error in its own types
+    raise TrainingError(
+      f"saving the checkpoint of step {step} in {mngr.directory} failed: {_io_cause(e)}"
+    ) from None
+
+
+def _finish(mngr) -> None:
+  try:
+    mngr.wait_until_finished()
+    mngr.check_for_errors()
+  except Exception as e:  # noqa: BLE001
+    raise TrainingError(
+      f"the last checkpoint save in {mngr.directory} failed: {_io_cause(e)}"
+    ) from None
+
+
 def _device_batch(batch: dict, sharding) -> dict:
   """Every field of every stream (image, label, domain, ...) as a global array."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
@@ -345,14 +378,20 @@ def _train_and_evaluate(config, workdir: str, is_main: bool) -> dict[str, Any]:
         select_best = config.train.select == "best"
         if select_best and np.isfinite(last_val["video_auc"]) and last_val["video_auc"] > best_auc:
           best_auc = last_val["video_auc"]
-          checkpoints.save(best, done, state, iterator, {"val_auc": best_auc})
+          _save(best, done, state, iterator, {"val_auc": best_auc})
       if is_ckpt:
-        checkpoints.save(ckpt, done, state, iterator)
+        _save(ckpt, done, state, iterator)
   finally:
     bar.close()
-    ckpt.wait_until_finished()
-    best.wait_until_finished()
     logger.close()
+    failed = []
+    for mngr in (ckpt, best):
+      try:
+        _finish(mngr)
+      except TrainingError as e:  # raised below unless another error is on its way
+        failed.append(e)
+  if failed:
+    raise failed[0]
 
   elapsed = time.perf_counter() - t0
   previous = {}

@@ -104,3 +104,21 @@ def test_an_unwritable_workdir_is_one_clear_error(records, tmp_path):
   blocker.write_text("")
   with pytest.raises(workdir_lib.WorkdirError, match="cannot write to the workdir"):
     train_lib.train_and_evaluate(tiny(records, 2), str(blocker / "run"))
+
+
+def test_a_failed_checkpoint_save_stops_training_with_one_line(records, tmp_path, monkeypatch):
+  """A full disk: the first failing save stops the run, naming the folder and the cause (it
+  used to run on for 10 steps and bury ENOSPC in ~1,850 lines of tracebacks)."""
+  import errno
+
+  from csdfd_jax import checkpoints
+
+  def full_disk(mngr, step, *args, **kwargs):
+    raise RuntimeError("orbax wrapper") from OSError(errno.ENOSPC, "No space left on device", "x")
+
+  monkeypatch.setattr(checkpoints, "save", full_disk)
+  with pytest.raises(train_lib.TrainingError) as e:
+    train_lib.train_and_evaluate(tiny(records, 4), str(tmp_path / "run"))
+  message = str(e.value)
+  assert "saving the checkpoint of step 2" in message and "No space left on device" in message
+  assert "\n" not in message
