@@ -181,20 +181,8 @@ def face_and_video_auc(scored: dict) -> dict[str, float]:
 
 def subsample_frames(scored: dict, frames_per_video: int) -> dict:
   """Keeps at most ``frames_per_video`` frames per video, spaced uniformly over the
-  frames present (not the first N: DeepfakeBench's known bias)."""
-  keep = np.zeros(len(scored["label"]), bool)
-  by_video: dict[str, list[int]] = {}
-  for mid, fi in zip(scored["media_id"], scored["frame_index"], strict=True):
-    by_video.setdefault(str(mid), []).append(int(fi))
-  chosen = {}
-  for mid, frames in by_video.items():
-    uniq = sorted(set(frames))
-    if len(uniq) > frames_per_video:
-      idx = np.linspace(0, len(uniq) - 1, frames_per_video).round().astype(int)
-      uniq = [uniq[i] for i in idx]
-    chosen[mid] = set(uniq)
-  for i, (mid, fi) in enumerate(zip(scored["media_id"], scored["frame_index"], strict=True)):
-    keep[i] = int(fi) in chosen[str(mid)]
+  frames present (``pipeline.uniform_frames``; not the first N: DeepfakeBench's known bias)."""
+  keep = pipeline.uniform_frames(scored["media_id"], scored["frame_index"], frames_per_video)
   return {k: v[keep] for k, v in scored.items()}
 
 

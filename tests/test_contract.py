@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_train import tiny_config
 
 from csdfd_jax import eval_lib, methods, train_lib
 from csdfd_jax.data import builder, demo
@@ -76,17 +77,8 @@ def records(tmp_path_factory) -> str:
 
 
 def tiny(records: str, method: str, steps: int = 2):
-  config = effnet.get_config("demo")
-  config.method = method
-  config.data.demo = False
-  config.data.records = records
-  config.data.image_size = 32
-  config.data.batch_size = 4
-  config.train.num_steps = steps
-  config.train.log_every = 1
-  config.train.eval_every = steps
+  config = tiny_config(records, method, steps)
   config.train.checkpoint_every = steps
-  config.train.eval_batch_size = 8
   return config
 
 

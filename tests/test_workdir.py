@@ -10,13 +10,13 @@ import sys
 import time
 
 import pytest
+from test_train import tiny_config
 
 from csdfd_jax import train_lib
 from csdfd_jax import workdir as workdir_lib
 from csdfd_jax.data import builder, demo
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import effnet  # noqa: E402
 
 
 def _held_by(workdir, pid: int) -> None:
@@ -60,16 +60,8 @@ def records(tmp_path_factory) -> str:
 
 
 def tiny(records: str, steps: int):
-  config = effnet.get_config("demo")
-  config.data.demo = False
-  config.data.records = records
-  config.data.image_size = 32
-  config.data.batch_size = 4
-  config.train.num_steps = steps
-  config.train.log_every = 1
-  config.train.eval_every = 2
-  config.train.checkpoint_every = 2
-  config.train.eval_batch_size = 8
+  config = tiny_config(records, "csdfd", steps)
+  config.train.eval_every = config.train.checkpoint_every = 2
   config.train.select = "best"
   return config
 
