@@ -145,47 +145,70 @@ def _norms_and_rates(dual: _Dual, ws: jax.Array) -> tuple[jax.Array, jax.Array]:
   return dual.q + 2.0 * d @ dual.r + jnp.sum(d * gd, axis=-1), dual.r + gd
 
 
+def _spd_solve(m: jax.Array, rhs: jax.Array, floor) -> jax.Array:
+  """x with m x = rhs for a batch of small symmetric positive definite m ([n, k, k], rhs
+  [n, k, r]): Gaussian elimination without pivoting (LDL', which needs no pivoting on SPD
+  matrices), unrolled over the static k. XLA fuses the k^2 row updates into a few loops over
+  the batch, where a batched LAPACK LU is one call per matrix: the whole solve is 2.2-2.7x faster
+  for K = 2-6 than with ``jnp.linalg.solve`` on the bordered system (measured side by side on the
+  Gram matrices of ``bench/solver.py``). Pivots are floored at ``floor`` so that no division is
+  by 0 (nor its gradient) where m is singular to rounding."""
+  k = m.shape[-1]
+  rows, right, pivots = [m[:, i, :] for i in range(k)], [rhs[:, i, :] for i in range(k)], []
+  for j in range(k):
+    pivot = jnp.maximum(rows[j][:, j], floor)
+    pivots.append(pivot)
+    for i in range(j + 1, k):
+      factor = rows[i][:, j] / pivot
+      rows[i] = rows[i] - factor[:, None] * rows[j]
+      right[i] = right[i] - factor[:, None] * right[j]
+  x = [None] * k
+  for j in reversed(range(k)):
+    acc = right[j]
+    for i in range(j + 1, k):
+      acc = acc - rows[j][:, i, None] * x[i]
+    x[j] = acc / pivots[j][:, None]
+  return jnp.stack(x, axis=1)
+
+
 def _face_points(dual: _Dual, masks: jax.Array) -> jax.Array:
   """Stationary points of F(w) = b.w + C ||g_w|| (Eq. 15) on each face S (mask rows).
 
   With w = w_ref + z, the Lagrange conditions on the face, b_S + C (r + G z)_S / rho
   + mu 1_S = 0, 1'w = 1, rho = ||g_w||, are linear in z for a fixed rho: z = z0 + rho z1
-  from one bordered (KKT) solve (LU: a batched SVD-based pseudo-inverse cost 4-10x more on
-  CPU, ``bench/solver.py``); then ||g_w||^2 = alpha + beta rho^2 gives rho in closed
-  form. The bordered matrix stays well conditioned where G_S is nearly singular along
-  1_S (nearly opposite streams). Returns the unclipped w of every face.
+  from one KKT solve; then ||g_w||^2 = alpha + beta rho^2 gives rho in closed form.
+
+  The KKT system [[G_S, 1], [1', 0]] is indefinite, and G_S itself is nearly singular along
+  1_S where streams nearly cancel. Since 1'z is fixed (= s) on the face, G_S z + mu 1 = f is
+  the same as M z + (mu - gamma s) 1 = f with M = G_S + gamma 1_S 1_S' (gamma = 1, the scale
+  of the normalised Gram), which is positive definite exactly where the KKT matrix is
+  invertible and well conditioned along 1_S; so z = M^-1 (f - mu' 1) with mu' from 1'z = s
+  (``_spd_solve``: three right-hand sides, unrolled). Returns the unclipped w of every face.
   """
   gh, b, big_c, w_ref, q, r = dual
-  n, k = masks.shape
+  k = masks.shape[1]
+  dtype = gh.dtype
   fix = -w_ref * (1.0 - masks)  # z off the face brings w to 0 there
   s = 1.0 - masks @ w_ref  # what z adds on the face, so that sum(w) = 1
   r_f = r + fix @ gh
   q_f = q + 2.0 * fix @ r + jnp.sum(fix * (fix @ gh), axis=-1)
   outer = masks[:, :, None] * masks[:, None, :]
-  # A ridge of a few ulps on the face block keeps every bordered matrix invertible (and its
-  # gradient finite) where G_S is exactly singular along 1_S, e.g. duplicate streams: such a
-  # face's optimum is also attained on a smaller face, which is solved as well.
-  ridge = 16 * jnp.finfo(gh.dtype).eps
-  eye = jnp.eye(k, dtype=gh.dtype)
-  block = (gh + ridge * eye) * outer + eye * (1.0 - masks)[:, None, :]
-  zeros = jnp.zeros((n, 1), gh.dtype)
-  kkt = jnp.concatenate(
-    [
-      jnp.concatenate([block, masks[:, :, None]], axis=2),
-      jnp.concatenate([masks, zeros], axis=1)[:, None, :],
-    ],
-    axis=1,
-  )
+  # A ridge of a few ulps on the face block keeps M invertible (and its gradient finite) where
+  # G_S is exactly singular off 1_S, e.g. duplicate streams: such a face's optimum is also
+  # attained on a smaller face, which is solved as well.
+  eps = jnp.finfo(dtype).eps
+  eye = jnp.eye(k, dtype=dtype)
+  m = (gh + 16 * eps * eye + 1.0) * outer + eye * (1.0 - masks)[:, None, :]
   safe_c = jnp.where(big_c > 0, big_c, 1.0)
-  rhs = jnp.stack(
-    [
-      jnp.concatenate([-r_f * masks, s[:, None]], axis=1),
-      jnp.concatenate([-(b / safe_c) * masks, zeros], axis=1),
-    ],
-    axis=-1,
-  )
-  sol = jnp.linalg.solve(kkt, rhs)
-  z0, mu0, z1 = sol[:, :k, 0], sol[:, k, 0], sol[:, :k, 1]
+  rhs = jnp.stack([-r_f * masks, -(b / safe_c) * masks, masks], axis=-1)
+  y = _spd_solve(m, rhs, eps * eps)
+  ones_y = jnp.sum(y[:, :, 2], axis=-1)  # 1_S' M^-1 1_S > 0 on a non-empty face
+  ones_y = jnp.maximum(ones_y, eps * eps)
+  mu0 = (jnp.sum(y[:, :, 0], axis=-1) - s) / ones_y  # mu' of the first column
+  mu1 = jnp.sum(y[:, :, 1], axis=-1) / ones_y  # the second column has s = 0
+  z0 = y[:, :, 0] - mu0[:, None] * y[:, :, 2]
+  z1 = y[:, :, 1] - mu1[:, None] * y[:, :, 2]
+  mu0 = mu0 + s  # mu = mu' + gamma s
   alpha = q_f + jnp.sum(z0 * r_f, axis=-1) - mu0 * s
   beta = jnp.sum(z1 * (z1 @ gh), axis=-1)
   bounded = beta < 1.0  # else F has no minimum inside the face's affine hull
