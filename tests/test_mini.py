@@ -64,9 +64,9 @@ def test_protocol_split_sizes_and_determinism() -> None:
     for lab in (0, 1)
   }
   assert counts == {
-    ("train", 0): 480,
-    ("val", 0): 60,
-    ("test", 0): 60,
+    ("train", 0): 400,
+    ("val", 0): 50,
+    ("test", 0): 50,
     ("train", 1): 160,
     ("val", 1): 20,
     ("test", 1): 20,
@@ -77,6 +77,16 @@ def test_protocol_split_sizes_and_determinism() -> None:
   assert {r.split for r in unseen} == {"test"} and {r.label for r in unseen} == {0, 1}
   assert sum(r.kind == "video" for r in unseen) == len(list(DATA.glob("dfdc_sample/*/*.mp4")))
   assert len(left_out["missing_from_dfdc_metadata"]) == 3  # metadata.json lists 5, 2 shipped
+  # The swap set's identities: held out from every source split, test only, reals only until
+  # the swaps are passed in.
+  swap_set = [r for r in records if r.dataset == mini.SWAP]
+  assert len(swap_set) == mini.SWAP_IDENTITIES and {r.split for r in swap_set} == {"test"}
+  assert {r.label for r in swap_set} == {0}
+  assert not {r.media_id for r in swap_set} & {r.media_id for r in source}
+  held = mini.swap_identities(DATA, seed=0)
+  assert [p.stem for p in held] == sorted(r.media_id for r in swap_set)
+  assert mini.swap_identities(DATA, seed=1) != held
+  assert "ffhq_real_384" not in left_out["unused_files"]  # 500 in the splits + 100 held out
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +106,8 @@ def test_small_run_counts_labels_and_splits(built: tuple[dict, Path]) -> None:
   full_split = {(r.dataset, r.media_id): r.split for r in full}
   full_label = {(r.dataset, r.media_id): r.label for r in full}
   for h in headers:  # the subset keeps the full protocol's assignment and labels
+    if h["dataset"] == mini.SWAP and h["label"] == 1:
+      continue  # the swaps themselves: checked against their manifest below
     assert full_split[(h["dataset"], h["media_id"])] == h["split"]
     assert full_label[(h["dataset"], h["media_id"])] == h["label"]
   splits_of: dict[str, set[str]] = {}
@@ -110,6 +122,7 @@ def test_small_run_counts_labels_and_splits(built: tuple[dict, Path]) -> None:
   assert set(media[mini.UNSEEN]) == {"test"}
   n_videos = len(list(DATA.glob("dfdc_sample/*/*.mp4")))
   assert media[mini.UNSEEN]["test"] == {"real": LIMIT, "fake": LIMIT + min(LIMIT, n_videos)}
+  assert media[mini.SWAP] == {"test": per_class}
   face_counts = result["summary"]["faces"]
   assert sum(c for d in face_counts.values() for s in d.values() for c in s.values()) == len(faces)
   # FFHQ and StyleGAN2 images are aligned faces: dlib finds every one
@@ -118,6 +131,16 @@ def test_small_run_counts_labels_and_splits(built: tuple[dict, Path]) -> None:
   assert any(m.startswith(f"{mini.UNSEEN}/abofeumbvv:") for m in skipped["media_without_face"])
   assert skipped["unreadable"] == [] and skipped["failed"] == []
   assert result["sets"][mini.UNSEEN]["splits"] == ["test"]
+  assert result["sets"][mini.SWAP]["splits"] == ["test"]
+  # The swaps: among the held-out identities only, never of an identity with itself, and their
+  # faces found again by dlib in preprocessing (they are aligned FFHQ faces).
+  manifest = json.loads((out / "swaps" / "swaps.json").read_text())
+  held = {p.stem for p in mini.swap_identities(DATA, seed=0, limit=LIMIT)}
+  assert len(manifest["swaps"]) == len(held) * mini.SWAPS_PER_TARGET
+  assert all(m["target"] in held and m["source"] in held - {m["target"]} for m in manifest["swaps"])
+  assert face_counts[mini.SWAP] == media[mini.SWAP]
+  swap_faces = [f for f in faces if f.dataset == mini.SWAP and f.label == 1]
+  assert {f.domain for f in swap_faces} == {mini.SWAP_DOMAIN}
   assert "real" in mini.format_summary(result)
 
 

@@ -6,10 +6,19 @@ A tiny stand-in for the paper's protocol (CS-DFD Section IV-A: train on FF++, te
 datasets) built from the four folders of the shared data (its README says which licences apply;
 nothing is copied into the repository):
 
-* dataset ``ffhq_mini`` (the source domain): reals = ``ffhq_real_384/*.jpg`` (480/60/60
-  train/val/test), original fakes = ``stylegan2_fake_384/*.jpg`` (160/20/20, domain "stylegan2").
-  The synthetic stream of the train pipeline is SBI of the training reals (online, not stored).
-* dataset ``dfdc_sample`` (the unseen domain, split "test" only, fakes have domain "dfdc"):
+* dataset ``ffhq_mini`` (the source domain): reals = ``ffhq_real_384/*.jpg`` (400/50/50
+  train/val/test), original fakes = ``stylegan2_fake_384/*.jpg`` (160/20/20, domain "stylegan2"):
+  whole-face synthesis, no blending boundary. The synthetic stream of the train pipeline is SBI of
+  the training reals (online, not stored).
+* dataset ``ffhq_swap`` (an unseen domain, split "test" only): the next 100 FFHQ identities of the
+  split permutation, held out from training and validation, as reals, and 300 classical face swaps
+  between them (``csdfd_jax.data.swap``: each held-out identity is the target of 3 swaps from 3
+  other held-out identities; piecewise-affine warp over the landmarks' Delaunay triangulation,
+  Reinhard colour transfer, feathered landmark-hull alpha blend; JPEG q92 like the reals; domain
+  "faceswap"): blending boundaries, no GAN texture. The swaps are made once under
+  ``<out>/swaps`` from dlib's landmarks of the raw images, then go through preprocessing like
+  every other image.
+* dataset ``dfdc_sample`` (an unseen domain, split "test" only, fakes have domain "dfdc"):
   ``dfdc_sample/`` through the DFDC layout (its ``metadata.json`` lists 5 videos of which 2 are
   present: both FAKE, and ``abofeumbvv`` is too dark for dlib, so it gives no face) plus the small
   crops of ``dfdc_face_crops/{real,fake}`` through the folder layout (kind "image"), so that the
@@ -25,8 +34,10 @@ nothing is copied into the repository):
 Split assignment (deterministic, independent of the file system's listing order): the file names
 of each class are sorted, permuted by ``numpy.random.default_rng([seed, label])``, and the first
 n_train of the permutation go to train, the next n_val to val, the next n_test to test; files
-beyond these counts are left out and reported. ``limit`` keeps, per (source folder, split, label),
-the first ``limit`` media by name: a subset of the full protocol with the same assignment.
+beyond these counts are left out and reported; of the FFHQ reals, the first ``SWAP_IDENTITIES``
+beyond them are the swap set's identities. ``limit`` keeps, per (source folder, split, label), the
+first ``limit`` media by name: a subset of the full protocol with the same assignment (the swap
+set then uses max(limit, 4) identities).
 
 Faces go through the preprocessing machinery (``csdfd_jax.data.preprocess``: ``process_media`` in
 ``in_processes`` workers, dlib detection of the largest face, 68 landmarks, 256 px crops) into
@@ -57,13 +68,18 @@ from csdfd_jax.data.layouts import SPLITS, MediaRecord
 from csdfd_jax.data.layouts.base import FAKE, REAL, is_image
 
 SOURCE = "ffhq_mini"
+SWAP = "ffhq_swap"
 UNSEEN = "dfdc_sample"
 RECORDS_NAME = "ffhq_mini"
 FAKE_DOMAIN = "stylegan2"
+SWAP_DOMAIN = "faceswap"
 UNSEEN_DOMAIN = "dfdc"
+REAL_FOLDER = "ffhq_real_384"
+SWAP_IDENTITIES = 100  # FFHQ identities held out for the swap set
+SWAPS_PER_TARGET = 3
 # folder -> (label, domain, split sizes train/val/test)
 IMAGE_SOURCES = {
-  "ffhq_real_384": (REAL, "real", (480, 60, 60)),
+  REAL_FOLDER: (REAL, "real", (400, 50, 50)),
   "stylegan2_fake_384": (FAKE, FAKE_DOMAIN, (160, 20, 20)),
 }
 DFDC_VIDEOS = "dfdc_sample"
@@ -117,10 +133,66 @@ def _cap(records: list[MediaRecord], limit: int | None) -> list[MediaRecord]:
   return [r for group in groups.values() for r in group[:limit]]
 
 
+def swap_identities(root: str | Path, *, seed: int = 0, limit: int | None = None) -> list[Path]:
+  """The FFHQ images of the swap set's identities: the first ``SWAP_IDENTITIES`` of the split
+  permutation beyond the train/val/test reals (never in training or validation)."""
+  top = check_root(root)
+  files = {p.name: p for p in (top / REAL_FOLDER).iterdir() if p.is_file() and is_image(p)}
+  _, unused = assign_splits(list(files), IMAGE_SOURCES[REAL_FOLDER][2], seed, REAL)
+  if len(unused) < SWAP_IDENTITIES:
+    raise ValueError(
+      f"{top / REAL_FOLDER}: the swap set needs {SWAP_IDENTITIES} images beyond the splits, "
+      f"found {len(unused)}"
+    )
+  held = sorted(unused[:SWAP_IDENTITIES])
+  if limit is not None:
+    held = held[: max(limit, SWAPS_PER_TARGET + 1)]
+  return [files[n] for n in held]
+
+
+def make_swap_set(
+  identities: Sequence[Path], out: Path, *, seed: int = 0, progress: bool = True
+) -> dict[str, Any]:
+  """Writes the swap set's face swaps under ``out`` once (reused when its manifest matches the
+  identities and seed) and returns the manifest: {"seed", "identities", "per_target",
+  "swaps": [{"path", "target", "source"}], "no_face": [identities dlib found no face on]}."""
+  from csdfd_jax.data import swap
+
+  manifest_path = out / "swaps.json"
+  key = {"seed": seed, "identities": [p.name for p in identities], "per_target": SWAPS_PER_TARGET}
+  if manifest_path.is_file():
+    manifest = json.loads(manifest_path.read_text())
+    if {k: manifest.get(k) for k in key} == key:
+      return manifest
+  start = time.perf_counter()
+  faces = swap.load_faces(identities)
+  found = {name for name, _, _ in faces}
+  made = swap.make_swaps(faces, out, seed=seed, per_target=SWAPS_PER_TARGET)
+  manifest = {
+    **key,
+    "swaps": [{k: str(m[k]) for k in ("path", "target", "source")} for m in made],
+    "no_face": [p.name for p in identities if p.stem not in found],
+  }
+  tmp = manifest_path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(manifest, indent=1))
+  tmp.replace(manifest_path)  # written last: a killed run makes the swaps again
+  if progress:
+    print(
+      f"face swaps: {len(made)} from {len(faces)} held-out identities in "
+      f"{time.perf_counter() - start:.0f} s ({out})"
+    )
+  return manifest
+
+
 def protocol_records(
-  root: str | Path, *, seed: int = 0, limit: int | None = None
+  root: str | Path,
+  *,
+  seed: int = 0,
+  limit: int | None = None,
+  swaps: Sequence[dict[str, str]] = (),
 ) -> tuple[list[MediaRecord], dict[str, Any]]:
-  """The MediaRecords of the protocol (videos first) and what the indexing left out."""
+  """The MediaRecords of the protocol (videos first) and what the indexing left out; the swap
+  set's fakes are ``swaps`` (``make_swap_set``'s list; without them the set holds its reals)."""
   top = check_root(root)
   records: list[MediaRecord] = []
   unused: dict[str, list[str]] = {}
@@ -132,6 +204,13 @@ def protocol_records(
       for n, s in splits.items()
     ]
     records += _cap(group, limit)
+  held = swap_identities(top, seed=seed, limit=limit)
+  unused[REAL_FOLDER] = sorted(set(unused[REAL_FOLDER]) - {p.name for p in held})
+  swap_set = [MediaRecord(p.stem, str(p), REAL, "test", SWAP, "real", "image") for p in held]
+  swap_set += [
+    MediaRecord(Path(m["path"]).stem, m["path"], FAKE, "test", SWAP, SWAP_DOMAIN, "image")
+    for m in swaps
+  ]
   videos = layouts.index("dfdc", str(top / DFDC_VIDEOS))
   crops = layouts.index(
     "folder", str(top / DFDC_CROPS), split="test", dataset=UNSEEN, fake_domain=UNSEEN_DOMAIN
@@ -146,6 +225,7 @@ def protocol_records(
       limit,
     ),
     *_cap([r for r in crops.records if r.kind == "image"], limit),
+    *_cap(swap_set, limit),
     *records,
   ]
   left_out = {
@@ -230,7 +310,7 @@ def prepare_ffhq_mini(
   Args:
     root: the shared data folder (ffhq_real_384/, stylegan2_fake_384/, dfdc_sample/,
       dfdc_face_crops/).
-    out_dir: where ``store/`` and ``records/`` go (created; resumed when they exist).
+    out_dir: where ``swaps/``, ``store/`` and ``records/`` go (created; resumed when they exist).
     frames: frames sampled uniformly per DFDC video (stored in the face store's settings: a
       store built with another value is an error).
     workers: face-detection processes.
@@ -240,15 +320,18 @@ def prepare_ffhq_mini(
 
   Returns:
     {"records": the records build directory (what the pipeline takes),
-     "sets": {"ffhq_mini" | "dfdc_sample": {"records", "datasets", "splits"}}: how to select
-       each set (``eval_iterator(records, split, datasets=datasets)``),
+     "sets": {"ffhq_mini" | "ffhq_swap" | "dfdc_sample": {"records", "datasets", "splits"}}:
+       how to select each set (``eval_iterator(records, split, datasets=datasets)``),
      "summary": {"media"/"faces": {dataset: {split: {"real", "fake"}}}, "skipped": {...},
        "seconds", "store"}}.
   """
   start = time.perf_counter()
   out = Path(out_dir).resolve()
   store = out / "store"
-  records, left_out = protocol_records(root, seed=seed, limit=limit)
+  identities = swap_identities(root, seed=seed, limit=limit)
+  swap_set = make_swap_set(identities, out / "swaps", seed=seed, progress=progress)
+  records, left_out = protocol_records(root, seed=seed, limit=limit, swaps=swap_set["swaps"])
+  left_out["swap_identities_without_face"] = swap_set["no_face"]
   failed = _process(records, store, frames, workers, progress)
   selected = {(r.dataset, r.media_id) for r in records}
   counts, skipped = _count(store_lib.read_media_headers(store), selected)
@@ -267,6 +350,7 @@ def prepare_ffhq_mini(
     "records": str(built),
     "sets": {
       SOURCE: {"records": str(built), "datasets": [SOURCE], "splits": list(SPLITS)},
+      SWAP: {"records": str(built), "datasets": [SWAP], "splits": ["test"]},
       UNSEEN: {"records": str(built), "datasets": [UNSEEN], "splits": ["test"]},
     },
     "summary": summary,
@@ -293,6 +377,7 @@ def format_summary(result: dict[str, Any], max_listed: int = 10) -> str:
     ("unreadable", sk["unreadable"]),
     ("failed (retried by the next call)", [f"{f['media_id']}: {f['error']}" for f in sk["failed"]]),
     ("listed in DFDC metadata.json but absent", sk["missing_from_dfdc_metadata"]),
+    ("swap identities without a face (not swapped)", sk.get("swap_identities_without_face", [])),
     ("files beyond the split sizes", [f"{k}: {len(v)}" for k, v in sk["unused_files"].items()]),
     ("layout notes", sk["layout_notes"]),
   ]
