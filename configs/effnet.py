@@ -57,6 +57,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.demo = False
   config.data.mini_root = ""  # ../shared/data: the FFHQ mini protocol (variant ffhq_mini)
   config.data.records = ""  # ArrayRecord dir from `python -m csdfd_jax.data.builder`
+  # The demo and FFHQ mini protocols build their data themselves: ``seed`` draws the demo faces
+  # and the mini protocol's split (fixed apart from config.seed, which seeds the training, so
+  # that runs over seeds share one test set); ``cache`` is where that data goes ("" = inside the
+  # workdir; a folder shared by many runs, as the study command does, builds it once per seed).
+  config.data.seed = 0
+  config.data.cache = ""
   # Fakes of stream O: "five" = FF++'s Deepfakes, Face2Face, FaceSwap, NeuralTextures and
   # FaceShifter (paper Sec. V-A); "four" = without FaceShifter; "A+B" names domains; "" = all.
   config.data.fake_domains = "five"

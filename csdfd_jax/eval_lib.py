@@ -93,6 +93,7 @@ def default_test_sets(config: ml_collections.ConfigDict, workdir: str) -> list[T
     records = protocols.locate(config, workdir)
     return [
       TestSet("ffhq_mini", records, "test", ("ffhq_mini",)),
+      TestSet("ffhq_swap", records, "test", ("ffhq_swap",)),
       TestSet("dfdc_sample", records, "test", ("dfdc_sample",)),
     ]
   raise ValueError("no test sets: set --config.eval.test_sets=name=records_dir[:split],...")
@@ -265,6 +266,9 @@ def score_run(
         "videos_without_face_scored": int(len(faceless["media_id"])) if no_face == "chance" else 0,
       },
       "roc": _roc(vl, vs),
+      # Per-video scores (faceless videos included as scored): what the study's pooled
+      # bootstrap over seeds resamples, and what a user needs to re-analyse a run.
+      "videos": {"media_id": list(ids), "label": vl.tolist(), "score": vs.tolist()},
     }
   return {
     "workdir": workdir,

@@ -2,9 +2,13 @@
 records build named by ``config.data.records``.
 
 ``prepare(config, workdir)`` builds what is missing (the demo's procedural store and records,
-or the FFHQ mini store and records, once per workdir, by the first process) and returns the
-records directory. ``locate(config, workdir)`` only finds it: evaluation and ``predict`` read a
-run's data through ``locate`` and never write into a store or re-run preprocessing.
+or the FFHQ mini store and records, by the first process) and returns the records directory.
+The data goes inside the workdir, or, with ``config.data.cache`` set, into
+``<cache>/<protocol>_seed<config.data.seed>``, which every run of that data seed shares (the
+study command's runs do: one build for all methods). A shared cache takes one writer at a time.
+
+``locate(config, workdir)`` only finds it: evaluation and ``predict`` read a run's data through
+``locate`` and never write into a store or re-run preprocessing.
 """
 
 from __future__ import annotations
@@ -19,15 +23,31 @@ DEMO_STORE = "demo_store"
 MINI_DIR = "ffhq_mini"
 
 
-def _demo(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Generates the procedural demo faces and their ArrayRecords once per workdir."""
+def data_seed(config: ml_collections.ConfigDict) -> int:
+  """The seed of the demo faces / the mini split; a run from before ``data.seed`` existed used
+  its training seed."""
+  seed = config.data.get("seed")
+  return config.seed if seed is None else int(seed)
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the demo or mini data of the run in ``workdir`` lives (module docstring)."""
+  cache = config.data.get("cache") or ""
+  if not cache:
+    return workdir
+  protocol = "demo" if config.data.demo else "ffhq_mini"
+  return os.path.join(cache, f"{protocol}_seed{data_seed(config)}")
+
+
+def _demo(root: str, config: ml_collections.ConfigDict) -> str:
+  """Generates the procedural demo faces and their ArrayRecords once under ``root``."""
   from csdfd_jax.data import builder, demo
 
-  store = os.path.join(workdir, DEMO_STORE)
-  records = os.path.join(workdir, DEMO_RECORDS)
+  store = os.path.join(root, DEMO_STORE)
+  records = os.path.join(root, DEMO_RECORDS)
   if not os.path.exists(os.path.join(records, "DONE")):
     if not os.path.exists(os.path.join(store, "index.jsonl")):
-      demo.make_demo_store(store, seed=config.seed)
+      demo.make_demo_store(store, seed=data_seed(config))
     builder.build_records(store, records)
     with open(os.path.join(records, "DONE"), "w") as f:
       f.write("ok\n")
@@ -39,13 +59,17 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> str:
   if not (config.data.demo or config.data.mini_root):
     return config.data.records
 
+  root = data_dir(config, workdir)
+
   def build() -> str:
     if config.data.demo:
-      return _demo(workdir, config)
+      return _demo(root, config)
     from csdfd_jax.data import mini
 
-    out = os.path.join(workdir, MINI_DIR)
-    return str(mini.prepare_ffhq_mini(config.data.mini_root, out, seed=config.seed)["records"])
+    out = os.path.join(root, MINI_DIR)
+    return str(
+      mini.prepare_ffhq_mini(config.data.mini_root, out, seed=data_seed(config))["records"]
+    )
 
   import jax
 
@@ -67,6 +91,7 @@ def locate(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.data.records
   from csdfd_jax.data.pipeline import find_build
 
+  workdir = data_dir(config, workdir)
   if config.data.demo:
     records = Path(workdir) / DEMO_RECORDS
     if not (records / "DONE").exists():
