@@ -22,7 +22,9 @@ video AUC (%) averaged over seeds, its spread over seeds (the standard deviation
 more, else the min-max range) and a pooled 95% bootstrap interval of the seed-averaged AUC
 (each replicate resamples the test videos once, with the same draw for every seed where the
 seeds share the test set, and averages the seeds' AUCs on it). ``study.json`` also holds every
-run's AUCs and wall times. ``curves.png`` overlays each method's per-stream training loss and
+run's AUCs and wall times, and per method the conflict diagnostics of training (per-stream losses,
+the stream cosine, the method's own scalars such as UVS weights), which ``study.md`` tabulates.
+``curves.png`` overlays each method's per-stream training loss and
 stream-gradient cosine over training, averaged over seeds with the min-max band (the paper's
 Fig. 2 / Fig. 5).
 """
@@ -247,6 +249,9 @@ def write_study(table: dict[str, Any], out_dir: str) -> dict[str, str]:
     f.write(f"{legend(table)}\n\n")
     f.write("| " + " | ".join(header) + " |\n|" + " --- |" * len(header) + "\n")
     f.writelines("| " + " | ".join(r) + " |\n" for r in rows)
+    diagnostics = diagnostics_lines(table)
+    if diagnostics:
+      f.write("\n" + "\n".join(diagnostics) + "\n")
   with open(paths["csv"], "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["method", "seeds"] + [f"{c} {k}" for c in table["columns"] for k in STATS])
@@ -282,6 +287,78 @@ def format_table(table: dict[str, Any]) -> str:
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
   line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
   return "\n".join([legend(table), line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+# Logged scalars that describe the step rather than the method's behaviour.
+GENERIC = ("accuracy/", "grad_norm", "learning_rate", "param_norm", "update_norm", "images_per_")
+
+
+def _training_rows(run: Run) -> list[dict]:
+  file = os.path.join(run.path, "metrics.jsonl")
+  if not os.path.isfile(file):
+    return []
+  with open(file) as f:
+    return [row for line in f if '"loss/total"' in line for row in [json.loads(line)]]
+
+
+def run_diagnostics(run: Run, tail: float = 0.1) -> dict[str, dict[str, float]]:
+  """Per logged scalar of the run (per-stream losses, the stream cosine, the method's own
+  scalars such as UVS weights or CGR's correction ratio; not the generic step scalars): its mean
+  over training and over the last ``tail`` of the logged steps."""
+  rows = _training_rows(run)
+  keys = sorted(
+    {k for r in rows for k in r}
+    - {"step", "loss/total"}
+    - {k for r in rows for k in r if k.startswith(GENERIC)}
+  )
+  last = rows[-max(1, int(round(tail * len(rows)))) :]
+  out = {}
+  for key in keys:
+    values = [r[key] for r in rows if key in r and np.isfinite(r[key])]
+    ends = [r[key] for r in last if key in r and np.isfinite(r[key])]
+    if values:
+      out[key] = {"mean": float(np.mean(values)), "last": float(np.mean(ends)) if ends else None}
+  return out
+
+
+def method_diagnostics(runs: list[Run]) -> dict[str, dict[str, float]]:
+  """``run_diagnostics`` averaged over a method's runs (seeds)."""
+  per_run = [run_diagnostics(run) for run in runs]
+  keys = sorted({k for d in per_run for k in d})
+  out = {}
+  for key in keys:
+    cells = [d[key] for d in per_run if key in d]
+    out[key] = {
+      stat: float(np.mean(v)) if (v := [c[stat] for c in cells if c[stat] is not None]) else None
+      for stat in ("mean", "last")
+    }
+  return out
+
+
+def diagnostics_lines(table: dict[str, Any]) -> list[str]:
+  """A Markdown table: final per-stream losses, then every other scalar's mean over training."""
+  rows = [r for r in table["rows"] if r.get("diagnostics")]
+  keys = sorted({k for r in rows for k in r["diagnostics"]}, key=lambda k: (k[:5] != "loss/", k))
+  if not keys:
+    return []
+  header = [f"{k} (last)" if k.startswith("loss/") else f"{k} (mean)" for k in keys]
+  lines = [
+    "training diagnostics, mean over seeds: per-stream loss over the last 10% of logged steps; "
+    "the other scalars averaged over training",
+    "",
+    "| method | " + " | ".join(header) + " |",
+    "|" + " --- |" * (len(keys) + 1),
+  ]
+  for r in rows:
+    cells = []
+    for k in keys:
+      d = r["diagnostics"].get(k)
+      v = None if d is None else d["last" if k.startswith("loss/") else "mean"]
+      cells.append("" if v is None else f"{v:.3g}")
+    lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+  return lines
 
 
 # ----------------------------------------------------------------------------- curves
@@ -410,6 +487,8 @@ def run_study(
         }  # fmt: skip
       )
     table = aggregate(results, samples=samples)
+    for row in table["rows"]:
+      row["diagnostics"] = method_diagnostics([run for run in runs if run.method == row["method"]])
     table["runs"] = [
       {**t, "sets": {n: s["video"] for n, s in results[run]["sets"].items()}}
       for t, run in zip(timings, runs, strict=True)

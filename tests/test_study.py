@@ -209,3 +209,38 @@ def test_cli_errors_are_one_line(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert r.returncode == 1 and needle in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_diagnostics_keep_method_scalars_and_drop_generic_ones(tmp_path):
+  runs = []
+  for seed, scale in ((0, 1.0), (1, 3.0)):
+    path = tmp_path / f"uvs_seed{seed}"
+    path.mkdir()
+    rows = [
+      {
+        "step": 10 * (i + 1),
+        "loss/total": 1.0,
+        "loss/o": scale * (10 - i),
+        "loss/s": 0.7,
+        "stream_cosine": -0.1 * scale,
+        "uvs_weight/0": 0.25,
+        "grad_norm/o": 5.0,
+        "learning_rate": 1e-3,
+        "images_per_second": 9.0,
+      }  # fmt: skip
+      for i in range(10)
+    ]
+    rows.insert(3, {"step": 40, "val/video_auc": 0.9})  # validation rows are not training rows
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs.append(study.Run("uvs", seed, str(path)))
+  one = study.run_diagnostics(runs[0])
+  assert set(one) == {"loss/o", "loss/s", "stream_cosine", "uvs_weight/0"}
+  assert one["loss/o"] == {"mean": pytest.approx(5.5), "last": pytest.approx(1.0)}
+  both = study.method_diagnostics(runs)
+  assert both["loss/o"]["last"] == pytest.approx(2.0) and both["stream_cosine"]["mean"] == (
+    pytest.approx(-0.2)
+  )
+  table = {"rows": [{"method": "uvs", "diagnostics": both}]}
+  lines = study.diagnostics_lines(table)
+  assert lines[2].startswith("| method | loss/o (last) | loss/s (last) | stream_cosine (mean)")
+  assert lines[-1] == "| uvs | 2 | 0.7 | -0.2 | 0.25 |"
