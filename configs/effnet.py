@@ -124,10 +124,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.momentum = 0.0  # adam has its own moments; a non-zero value is refused
     config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 20
-    config.train.num_steps = 300
+    config.optim.decay_start = 0.5
+    config.train.num_steps = 500
     config.train.log_every = 10
-    config.train.eval_every = 100
-    config.train.checkpoint_every = 100
+    config.train.eval_every = 250
+    config.train.checkpoint_every = 250
     config.train.eval_batch_size = 64
   elif arg == "ffhq_mini":
     # Real faces, tiny protocol (../shared/data/README.md): FFHQ reals vs StyleGAN2 fakes as

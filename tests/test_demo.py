@@ -1,4 +1,5 @@
-"""Procedural demo store: format, dlib-ordered exact landmarks, determinism, splits, SBI on it."""
+"""Procedural demo store: format, dlib-ordered exact landmarks, determinism, splits, SBI on it,
+and the design of its fakes: the training fakes' fingerprint, the unseen fakes' blend boundary."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from csdfd_jax.data import demo, sbi, store
+from csdfd_jax.data import demo, framing, sbi, store
 
 SMALL = dict(size=96, train=4, val=2, test=2, unseen=2, frames=2)
 
@@ -43,7 +44,7 @@ def test_store_format(small_store, records):
     assert img.shape == (96, 96, 3) and img.dtype == np.uint8
     assert np.asarray(r.landmarks).shape == (68, 2)
     assert (r.label == 0) == (r.domain == "real")
-    assert r.domain in {"real", "swap" if r.dataset == "demo" else "reenact"}
+    assert r.domain in {"real", "gan" if r.dataset == "demo" else "swap"}
     if r.label:
       mask = _image(small_store, r.mask_path)
       assert mask.shape == (96, 96) and mask.max() == 255
@@ -56,7 +57,7 @@ def test_store_format(small_store, records):
     "demo/test": {"media": 4, "faces": 8},
     "demo_unseen/test": {"media": 4, "faces": 8},
   }
-  assert summary["demo"] == {"seed": 1, **SMALL}
+  assert summary["demo"] == {"seed": 1, **SMALL, "design": demo.DESIGN}
 
 
 def test_landmarks_inside_image_and_in_dlib_order(records):
@@ -94,6 +95,9 @@ def test_splits_disjoint(records):
     if r.dataset == "demo_unseen":
       assert r.split == "test"
     if r.label == 1 and r.dataset == "demo":
+      target, family = r.media_id.split("_")
+      assert family == "gan" and split_of[target] == (r.dataset, r.split)
+    if r.label == 1 and r.dataset == "demo_unseen":
       target, source = r.media_id.split("_")
       assert target != source and split_of[target] == split_of[source] == (r.dataset, r.split)
   frames = {}
@@ -103,10 +107,11 @@ def test_splits_disjoint(records):
 
 
 def test_fakes_are_local_manipulations(small_store, records):
-  """Each fake frame differs from its real frame mostly inside its mask (camera noise elsewhere)."""
+  """Each swap fake differs from its real frame mostly inside its mask (camera noise elsewhere);
+  the gan fakes' pixel change is small by design (see the fingerprint and seam tests)."""
   real = {(r.media_id, r.frame_index): r for r in records if r.label == 0}
   for r in records:
-    if r.label == 0:
+    if r.label == 0 or r.domain != "swap":
       continue
     twin = real[(r.media_id.split("_")[0], r.frame_index)]
     diff = np.abs(_image(small_store, r.path).astype(float) - _image(small_store, twin.path)).mean(
@@ -198,4 +203,112 @@ def test_cli(tmp_path, capsys):
     "test": 2,
     "unseen": 2,
     "frames": 1,
+    "design": demo.DESIGN,
   }
+  demo.main(["--out", str(tmp_path / "cli2"), *argv, "--families", "gan,reenact"])
+  params = json.loads((tmp_path / "cli2" / "summary.json").read_text())["demo"]
+  assert params["families"] == ["gan", "reenact"]
+
+
+# ----------------------------------------------------------------------------- design of the fakes
+
+
+def _clean_frames(seed: int, size: int):
+  """One clean real frame and its three fakes, before the camera: (real, lm, {family: fake})."""
+  rng = np.random.default_rng([seed, 0])
+  scene = demo.sample_scene(rng, size)
+  frame = demo.sample_frame(rng, scene)
+  ident, other = demo.sample_identity(rng), demo.sample_identity(rng)
+  real, lm = demo.draw_face(ident, scene, frame, size)
+  phase = tuple(rng.uniform(0, demo.fingerprint_period(size), 2))
+  fakes = {
+    "gan": demo.gan_frame(real, lm, ident, scene, frame, size, np.random.default_rng(seed), phase),
+    "swap": demo.swap_frame(real, lm, other, scene, frame, size, np.random.default_rng(seed)),
+  }
+  return real, lm, scene, fakes
+
+
+def fingerprint_energy(image: np.ndarray, lm: np.ndarray, period: float) -> float:
+  """Amplitude (grey levels) of the fingerprint's two diagonal frequencies (+-1/period) in the
+  luminance of the face centre (Gaussian window over the inner landmarks, mean removed)."""
+  lum = image.astype(np.float64).mean(-1)
+  yy, xx = np.mgrid[0 : lum.shape[0], 0 : lum.shape[1]]
+  c, r = lm[17:68].mean(0), np.ptp(lm[17:68, 0]) * 0.35
+  w = np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / (2 * r * r))
+  lum = (lum - (lum * w).sum() / w.sum()) * w
+  f = 1 / period
+  waves = [np.exp(-2j * np.pi * f * (xx + sign * yy)) for sign in (1, -1)]
+  return float(sum(abs((lum * wave).sum()) for wave in waves) * 2 / w.sum())
+
+
+@pytest.mark.parametrize("size", [128, 64])
+def test_gan_fakes_carry_the_fingerprint_after_camera_and_resize(size):
+  """The fingerprint stands out of the reals at the input size (64 px) after the camera pass,
+  from a 128 px store (a 2x area shrink) and from the default 64 px store; the swap fakes (the
+  unseen manipulation) do not carry it."""
+  period = demo.fingerprint_period(size) * 64 / size
+  energy = {"real": [], "gan": [], "swap": []}
+  for seed in range(8):
+    real, lm, scene, fakes = _clean_frames(seed, size)
+    lm64 = framing.resize_landmarks(lm, size, 64)
+    images = {"real": real} | {k: v[0] for k, v in fakes.items()}
+    for k, img in images.items():
+      shot = demo.camera(img, np.random.default_rng([seed, 1]), scene.jpeg_quality)
+      energy[k].append(fingerprint_energy(framing.resize_face(shot, 64), lm64, period))
+  real, gan, swap = (np.array(energy[k]) for k in ("real", "gan", "swap"))
+  assert (gan > 1.5 * real).all(), (gan, real)
+  assert np.median(gan) > 3 * np.median(real), (gan, real)
+  assert (swap < gan / 2).all() and np.median(swap) < 1.5 * np.median(real), (swap, real)
+
+
+def test_fingerprint_is_periodic_zero_mean_and_measured_where_it_is():
+  fp = demo.fingerprint(48, (1.3, 4.2), 5.0)
+  p = demo.fingerprint_period(48)
+  np.testing.assert_allclose(fp[:-p], fp[p:], atol=1e-4)
+  np.testing.assert_allclose(fp[:, :-p], fp[:, p:], atol=1e-4)
+  assert abs(fp.mean()) < 0.1 and np.abs(fp).max() <= 5.0 + 1e-4
+  flat = np.full((48, 48, 3), 128.0)
+  lm = np.random.default_rng(0).uniform(14, 34, (68, 2))
+  assert fingerprint_energy(flat + fp[..., None], lm, p) > 1.5
+  assert fingerprint_energy(flat + fp[..., None], lm, p * 1.5) < 0.5
+  assert fingerprint_energy(flat, lm, p) < 1e-9
+
+
+def test_unseen_swap_has_a_soft_blend_boundary_and_gan_has_no_seam():
+  """Before the camera: outside its mask every fake is the real frame exactly; the swap's mask
+  has a soft edge inside the face and across it the colour changes (incomplete colour
+  correction, another identity), while across the gan fake's soft mask only the fingerprint is
+  added."""
+  for seed in range(4):
+    real, lm, _, fakes = _clean_frames(seed, 128)
+    face = np.zeros(real.shape[:2], np.uint8)
+    cv2.fillPoly(face, [np.round(np.concatenate([lm[0:17], lm[26:16:-1]])).astype(np.int32)], 1)
+    for family, (fake, _, mask) in fakes.items():
+      m = mask / 255.0
+      outside = m == 0
+      assert outside.mean() > 0.4, family
+      assert (fake[outside] == real[outside]).all(), family
+      band = (m > 0.1) & (m < 0.9)
+      diff = np.abs(fake.astype(float) - real).max(-1)
+      if family == "swap":
+        assert (band & (face > 0)).sum() > 50  # the soft edge runs inside the face
+        assert diff[band].mean() > 6, diff[band].mean()
+      else:  # at most the fingerprint's amplitude (12 levels), plus rounding
+        assert band.sum() > 200
+        assert np.quantile(diff[band], 0.99) <= 12.5 and diff[band].mean() < 4, diff[band].mean()
+
+
+def test_families(tmp_path):
+  tiny = dict(size=64, train=2, val=0, test=0, unseen=2, frames=1)
+  out = demo.make_demo_store(tmp_path / "k", families=("gan", "swap", "reenact"), **tiny)
+  domains = {(r.dataset, r.domain) for r in store.read_index(out)}
+  assert domains == {
+    ("demo", "real"), ("demo", "gan"), ("demo", "swap"), ("demo", "reenact"),
+    ("demo_unseen", "real"), ("demo_unseen", "swap"),
+  }  # fmt: skip
+  summary = json.loads((out / "summary.json").read_text())["demo"]
+  assert summary["families"] == ["gan", "swap", "reenact"]
+  with pytest.raises(ValueError, match="families"):
+    demo.make_demo_store(tmp_path / "bad", families=("gan", "morph"), **tiny)
+  with pytest.raises(ValueError, match="families"):
+    demo.make_demo_store(tmp_path / "bad", families=("gan", "gan"), **tiny)

@@ -32,7 +32,7 @@ def records(tmp_path_factory) -> str:
   store = demo.make_demo_store(base / "store", size=64, train=4, val=2, test=2, unseen=2, frames=2)
   # A test video in which no frame had a face: eval counts it and scores it 0.5 (or drops it).
   writer = store_lib.StoreWriter(store)
-  writer.save_media(dataset="demo", media_id="dark", label=1, split="test", domain="swap")
+  writer.save_media(dataset="demo", media_id="dark", label=1, split="test", domain="gan")
   writer.finish()
   return str(builder.build_records(store, base / "records"))
 
@@ -105,7 +105,7 @@ def test_every_method_trains_and_eval_reads_its_checkpoint(records, tmp_path, me
       assert any('"val/video_auc"' in line for line in f)
   data = runs[0]["sets"]["demo"]["data"]
   assert data["videos_without_face"] == {"no face": 1} and data["videos_without_face_scored"] == 1
-  assert data["fake_domains"] == ["swap"]
+  assert data["fake_domains"] == ["gan"]
   if method == "O":
     dropped, _ = eval_lib.evaluate(
       [workdir], sets, str(tmp_path / "eval2"), no_face="drop", gradcam=False

@@ -1,32 +1,48 @@
 """Procedural demo data: drawn faces with exact landmarks, as a face store (SPEC contract 5).
 
-A smoke-test dataset, not a benchmark: it lets training and evaluation run end to end on a fresh
-machine with no download. Faces are drawn with OpenCV from a small 3-D point model (jaw, brows,
-nose, eyes, mouth, forehead and hair contours) under a random pose (yaw, pitch, roll), scale,
-position and directional light, with per-identity traits (skin tone, face shape, eye/nose/mouth
-sizes, iris, hair colour and style, clothes) on a textured background. The 68 landmarks are the
-projected model points themselves, in dlib's order (jaw 0-16 from the subject's right ear, i.e.
-image left, brows 17-26, nose bridge 27-30, nostrils 31-35, eyes 36-47, outer lips 48-59, inner
-lips 60-67), so they are exact by construction. Drawing is done at twice the size (sub-pixel
-vertices) and area-downsampled; every frame then goes through the same "camera" (sensor noise and
-a JPEG pass standing for video compression), reals and fakes alike.
+A small, download-free dataset on which training and evaluation run end to end, designed so that
+the CS-DFD setting can show on it: the training fakes carry one generator's own trace, the unseen
+fakes carry the blending traces that self-blended images (SBI) teach, and nothing else. Whether a
+method then fits the source, generalises or suffers from stream conflict is measured, not built
+in; at demo scale (a tiny network trained from scratch for a minute) the SBI stream learns slowly.
+
+Faces are drawn with OpenCV from a small 3-D point model (jaw, brows, nose, eyes, mouth, forehead
+and hair contours) under a random pose (yaw, pitch, roll), scale, position and a weak directional
+light, with per-identity traits (skin tone, face shape, eye/nose/mouth sizes, iris, hair colour
+and style, clothes) on a textured background. Skin is nearly flat-shaded but carries a fine
+per-identity grain (`skin_grain`): without texture, a resampled or sharpened skin region (SBI's
+source augmentation, a face swap's resolution drop) would look exactly like the original. The
+68 landmarks are the projected model points themselves, in dlib's order (jaw 0-16 from the
+subject's right ear, i.e. image left, brows 17-26, nose bridge 27-30, nostrils 31-35, eyes 36-47,
+outer lips 48-59, inner lips 60-67), so they are exact by construction. Drawing is done at twice
+the size (sub-pixel vertices) and area-downsampled; every frame then goes through the same
+"camera" (sensor noise and a JPEG pass standing for video compression), reals and fakes alike.
+The default store is 64 px, the demo's input size, so SBI synthesises at the resolution the
+network sees (as SBI does on real data) and the store is cheap to generate.
 
 Each media id is a "video" of one identity: a fixed scene, a base pose, and `frames` frames with a
-small pose jitter, talking mouth and blinks. Two datasets go into the store:
+small pose jitter, talking mouth and blinks. Fake generators ("families", store domain = name):
 
-- "demo" (train/val/test, identities disjoint across splits): reals, and one face-swap fake per
-  real video (domain "swap", media id "<target>_<source>" as in FaceForensics++): every frame of
-  the target video gets the inner face of another identity of the same split, rendered in the
-  target's pose, aligned by a similarity fit on the inner landmarks, at a lower resolution
+- "gan" (dataset "demo": train/val/test, identities disjoint across splits; media id
+  "<id>_gan"): a neural-rendering reenactment. The target's own face is re-rendered at full
+  resolution, same light, with another mouth and gaze, plus the generator's upsampling
+  fingerprint (`fingerprint`: a grid of soft dots of period 6 px, 4-7 grey levels, its phase
+  fixed per video), and pasted through a wide, very soft face mask. No identity, colour or
+  sharpness seam: the periodic trace is the only evidence, and it survives the camera pass and
+  a 2x area shrink (a 2 px checkerboard would not). A small network learns it in tens of steps.
+- "swap" (dataset "demo_unseen", test only, new identities; media id "<target>_<source>" as in
+  FaceForensics++): a face swap. The inner face of another identity, rendered in the target's
+  pose, aligned by a similarity fit on the inner landmarks, at a lower resolution
   (autoencoder-like blur), with an incomplete colour correction, pasted through a blurred hull
-  mask — the traces of Deepfakes/FaceSwap.
-- "demo_unseen" (test only, new identities): reals and a reenactment-like fake (domain "reenact"):
-  the mouth region is replaced by the same face with another expression, generated at quarter
-  resolution and upsampled with a checkerboard pattern (transposed-convolution artefact), pasted
-  through a nearly hard elliptical mask. Its traces differ from the swap fakes', which makes it
-  the cross-domain test of the demo table.
+  mask: the traces of Deepfakes/FaceSwap and of SBI (blend boundary, colour and resolution
+  mismatch), and no fingerprint. It is the cross-manipulation test of the demo table.
+- "reenact" (only on request, `families=`): the mouth region from another expression at quarter
+  resolution, upsampled with a 2 px checkerboard, pasted through a nearly hard ellipse; with
+  "swap" it gives the K-stream tests a second manipulation stream.
 
-Fakes come with their blend mask (`mask_path`). Everything is a pure function of `seed`.
+`families` chooses the generators of dataset "demo" (default ("gan",)); "demo_unseen" always
+holds "swap" fakes, so a "demo" with "swap" in it no longer has an unseen manipulation. Fakes
+come with their blend mask (`mask_path`). Everything is a pure function of `seed`.
 """
 
 from __future__ import annotations
@@ -42,7 +58,9 @@ import numpy as np
 from csdfd_jax.data import store as store_lib
 
 SS = 2  # supersampling factor of the drawing canvas
-FAMILY_DOMAIN = {"swap": "swap", "reenact": "reenact"}  # fake generator -> store domain
+FAMILY_DOMAIN = {"gan": "gan", "swap": "swap", "reenact": "reenact"}  # generator -> store domain
+DEFAULT_FAMILIES = ("gan",)  # the fakes of dataset "demo"; "demo_unseen" has "swap"
+DESIGN = 2  # recorded in the store summary: stores of the first design (swap / reenact) differ
 SKIN_TONES = np.array(
   [
     (255, 224, 196),
@@ -89,6 +107,8 @@ class Identity:
   mouth_w: float
   lip_t: float
   moles: np.ndarray  # [K, 2] positions in face units
+  grain: float  # skin texture contrast (std of the multiplicative grain)
+  grain_seed: int  # the skin texture's noise field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +167,8 @@ def sample_identity(rng: np.random.Generator) -> Identity:
     mouth_w=rng.uniform(0.25, 0.34),
     lip_t=rng.uniform(0.05, 0.08),
     moles=rng.uniform([-0.7, -0.5], [0.7, 1.0], (int(rng.integers(0, 4)), 2)),
+    grain=rng.uniform(0.03, 0.05),
+    grain_seed=int(rng.integers(2**31)),
   )
 
 
@@ -194,6 +216,18 @@ def sample_frame(rng: np.random.Generator, scene: Scene) -> Frame:
     blink=1.0 if rng.random() > 0.12 else 0.15,
     gaze=tuple(rng.uniform(-0.3, 0.3, 2)),
   )
+
+
+def skin_grain(seed: int, side: int) -> np.ndarray:
+  """Unit-variance noise with a correlation length of about one output pixel (canvas `side`).
+
+  Skin texture: flat cartoon skin gives a resampled or sharpened region nothing to show, so
+  SBI's resolution and sharpness mismatch (and a face swap's resolution drop) would leave no
+  trace in the image; a fine grain makes them visible, as pores and stubble do in real faces.
+  """
+  noise = np.random.default_rng(seed).standard_normal((side, side), np.float32)
+  noise = cv2.GaussianBlur(noise, (0, 0), 0.75 * SS)
+  return noise / noise.std()
 
 
 def face_model(ident: Identity, frame: Frame) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -370,9 +404,10 @@ def draw_face(
   _poly(face, outline - off, [1.0])
   yy, xx = np.mgrid[ys, xs].astype(np.float32)
   cx, cy = (np.asarray(frame.center) + 0.5) * SS - 0.5
-  light = 1 + 0.25 * ((xx - cx) * lx + (yy - cy) * ly) / (u * SS)
+  light = 1 + 0.05 * ((xx - cx) * lx + (yy - cy) * ly) / (u * SS)
   rim = cv2.GaussianBlur(face, (0, 0), 0.18 * u * SS, borderType=cv2.BORDER_CONSTANT)
-  shade = (0.72 + 0.28 * np.clip(rim * 1.6, 0, 1)) * light
+  shade = (0.95 + 0.05 * np.clip(rim * 1.6, 0, 1)) * light
+  shade *= 1 + ident.grain * skin_grain(ident.grain_seed, big)[ys, xs]
   window = canvas[ys, xs]
   canvas[ys, xs] = window + (skin * shade[..., None] - window) * face[..., None]
   for m in ex["moles"]:
@@ -478,6 +513,66 @@ def swap_frame(
   return np.clip(out + 0.5, 0, 255).astype(np.uint8), lm, (mask * 255 + 0.5).astype(np.uint8)
 
 
+def fingerprint_period(size: int) -> int:
+  """Period (px) of the "gan" fingerprint in a `size` px store: 4 px per 64 px of store, but
+  never a multiple of 8 (JPEG's block size, whose blocking artefacts every image carries).
+
+  At the demo's 64 px input that is 4 px (3 px from a 128 px store): a frequency JPEG at
+  quality 70-95 keeps and above the skin grain's band, below the Nyquist limit. The period
+  scales with the store because a fixed small one would not survive the shrink to the input:
+  a 2 px checkerboard averages to nothing in a 2x area shrink.
+  """
+  period = max(4, round(4 * size / 64))
+  return period - 2 if period % 8 == 0 else period
+
+
+def fingerprint(size: int, phase: tuple[float, float], amplitude: float) -> np.ndarray:
+  """The "gan" generator's upsampling trace: a grid of soft dots, `amplitude` grey levels,
+  period `fingerprint_period(size)` in x and y, float32 [size, size].
+
+  One cosine per axis, so all its energy sits at the four frequencies (+-1/P, +-1/P); in JPEG's
+  8x8 blocks that is the low-to-middle coefficients that quality 70-95 keeps.
+  """
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+  w = 2 * np.pi / fingerprint_period(size)
+  return amplitude * np.cos(w * (xx + phase[0])) * np.cos(w * (yy + phase[1]))
+
+
+def gan_frame(
+  img_t: np.ndarray,
+  lm_t: np.ndarray,
+  target: Identity,
+  scene: Scene,
+  frame: Frame,
+  size: int,
+  rng: np.random.Generator,
+  phase: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """GAN-rendered reenactment of the clean target frame (image, landmarks, mask uint8): the
+  target's own face re-rendered at full resolution with another expression, carrying the
+  generator's periodic fingerprint, pasted through a wide, very soft mask.
+
+  Same identity, same light, same resolution: the blend leaves no colour, sharpness or identity
+  seam (outside the mask the frame is untouched), so the fingerprint is the only trace.
+  """
+  expr = dataclasses.replace(
+    frame,
+    mouth_open=float(max(0.0, frame.mouth_open + rng.uniform(0.02, 0.08))),
+    smile=frame.smile + rng.uniform(-0.03, 0.05),
+    blink=1.0,  # the generator renders open eyes
+    gaze=tuple(rng.uniform(-0.3, 0.3, 2)),
+  )
+  img_e, lm_e = draw_face(target, scene, expr, size)
+  # phase: fixed per video (the generator's grid relative to the aligned face)
+  gen = img_e.astype(np.float32) + fingerprint(size, phase, rng.uniform(8.0, 12.0))[..., None]
+  hull_pts = np.concatenate([lm_t[0:17], lm_t[17:27] + [0, -0.5 * frame.scale]])
+  mask = _soft_hull(hull_pts, size, 0.92, 0.12 * frame.scale)
+  mask = np.clip((mask - 0.02) / 0.98, 0, 1)  # exactly 0 far outside: the frame stays as it was
+  out = mask[..., None] * gen + (1 - mask[..., None]) * img_t
+  lm = np.concatenate([lm_t[:17], lm_e[17:]]).astype(np.float32)
+  return np.clip(out + 0.5, 0, 255).astype(np.uint8), lm, (mask * 255 + 0.5).astype(np.uint8)
+
+
 def reenact_frame(
   img_t: np.ndarray,
   lm_t: np.ndarray,
@@ -532,33 +627,35 @@ def make_demo_store(
   store_dir: str | Path,
   *,
   seed: int = 0,
-  size: int = 128,
+  size: int = 64,
   train: int = 40,
   val: int = 8,
   test: int = 16,
   unseen: int = 16,
   frames: int = 4,
-  families: tuple[str, ...] = ("swap",),
+  families: tuple[str, ...] = DEFAULT_FAMILIES,
   overwrite: bool = False,
 ) -> Path:
   """Writes the procedural demo face store and returns its path.
 
   `train`/`val`/`test` are real videos (identities) per split of dataset "demo", each with one
-  swap fake; `unseen` real videos of dataset "demo_unseen" (test split), each with one reenact
-  fake; every video has `frames` frames of `size` px. `families` are the fake generators of
-  dataset "demo", one fake per real video each: "swap" (the default) and "reenact" (the unseen
-  set's generator: with it in training, "demo_unseen" is no longer unseen; it serves runs that
-  need several manipulation streams, such as ``configs/effnet.py:k_streams`` on the demo).
-  Defaults: 640 crops, a few seconds on one core. A store already built with the same
-  arguments is returned as is; another non-empty directory is an error unless `overwrite`.
+  fake per family of `families` (default: "gan"); `unseen` real videos of dataset "demo_unseen"
+  (test split), each with one "swap" fake; every video has `frames` frames of `size` px. Other
+  families ("swap", "reenact", see the module docstring) serve runs that need several
+  manipulation streams, e.g. ``--config.data.streams=swap,reenact,sbi``; with "swap" among
+  them, "demo_unseen" is no longer unseen. The store summary records the arguments and the
+  data `DESIGN`. Defaults: 640 crops of 64 px, about 10 s on one core. A store already built
+  with the same arguments is returned as is; another non-empty directory is an error unless
+  `overwrite`.
   """
   params = dict(seed=seed, size=size, train=train, val=val, test=test, unseen=unseen, frames=frames)
-  if tuple(families) != ("swap",):  # the default store's parameters stay as they were
+  params["design"] = DESIGN
+  if tuple(families) != DEFAULT_FAMILIES:
     unknown = sorted(set(families) - set(FAMILY_DOMAIN))
-    if unknown or not families:
-      raise ValueError(f"families={families!r}: choose from {sorted(FAMILY_DOMAIN)}")
+    if unknown or not families or len(set(families)) != len(families):
+      raise ValueError(f"families={families!r}: distinct names from {sorted(FAMILY_DOMAIN)}")
     params["families"] = list(families)
-  families_of = {"demo": tuple(families), "demo_unseen": ("reenact",)}
+  families_of = {"demo": tuple(families), "demo_unseen": ("swap",)}
   for name in ("train", "val", "test", "unseen"):
     if params[name] == 1 or params[name] < 0:
       raise ValueError(
@@ -595,25 +692,28 @@ def make_demo_store(
   for dataset, split, i, src in plan:
     scene = sample_scene(np.random.default_rng([seed, 2, i]), size)
     shots = [sample_frame(np.random.default_rng([seed, 3, i, f]), scene) for f in range(frames)]
-    families = families_of[dataset]
-    reals, fakes = [], {family: [] for family in families}
+    fams = families_of[dataset]
+    reals, fakes = [], {family: [] for family in fams}
+    phase = tuple(np.random.default_rng([seed, 9, i]).uniform(0, fingerprint_period(size), 2))
     for f, frame in enumerate(shots):
       image, lm = draw_face(identities[i], scene, frame, size)
       cam = np.random.default_rng([seed, 4, i, f])
       reals.append(store_lib.FaceCrop(camera(image, cam, scene.jpeg_quality), f, 0, lm))
-      for family in families:
-        rng = np.random.default_rng([seed, 5 if family == families[0] else 7, i, f])
+      for k, family in enumerate(fams):
+        rng = np.random.default_rng([seed, 5, k, i, f])
         if family == "swap":
           fake, lm_f, mask = swap_frame(image, lm, identities[src], scene, frame, size, rng)
+        elif family == "gan":
+          fake, lm_f, mask = gan_frame(image, lm, identities[i], scene, frame, size, rng, phase)
         else:
           fake, lm_f, mask = reenact_frame(image, lm, identities[i], scene, frame, size, rng)
-        cam = np.random.default_rng([seed, 6 if family == families[0] else 8, i, f])
+        cam = np.random.default_rng([seed, 6, k, i, f])
         crop = store_lib.FaceCrop(camera(fake, cam, scene.jpeg_quality), f, 0, lm_f, mask)
         fakes[family].append(crop)
     common = dict(dataset=dataset, split=split, frames_sampled=frames, frames_read=frames)
     writer.save_media(media_id=f"id{i:03d}", label=0, domain="real", crops=reals, **common)
     for family, crops in fakes.items():
-      fake_id = f"id{i:03d}_id{src:03d}" if family == "swap" else f"id{i:03d}_reenact"
+      fake_id = f"id{i:03d}_id{src:03d}" if family == "swap" else f"id{i:03d}_{family}"
       writer.save_media(media_id=fake_id, label=1, domain=FAMILY_DOMAIN[family], crops=crops,
                         **common)  # fmt: skip
   writer.finish(extra={"demo": params})
@@ -631,7 +731,11 @@ def main(argv: list[str] | None = None) -> None:
   for name, param in inspect.signature(make_demo_store).parameters.items():
     if type(param.default) is int:
       parser.add_argument(f"--{name}", type=int, default=param.default)
+  parser.add_argument(
+    "--families", default=",".join(DEFAULT_FAMILIES), help="fake generators of dataset demo"
+  )
   args = vars(parser.parse_args(argv))
+  args["families"] = tuple(args["families"].split(","))
   out = make_demo_store(args.pop("out"), **args)
   print(json.dumps(json.loads((out / store_lib.SUMMARY).read_text())["per_split"], indent=2))
   print(f"demo face store: {out}")
