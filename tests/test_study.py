@@ -189,7 +189,7 @@ def test_study_end_to_end_killed_and_resumed(tmp_path):
 
   # A third call does nothing but rebuild the table; a changed run setting is refused by name.
   again = subprocess.run(_study(work), cwd=ROOT, env=_env(), capture_output=True, text=True)
-  assert again.returncode == 0 and again.stdout.count("done earlier") == 4
+  assert again.returncode == 0 and again.stdout.count(": done earlier;") == 4
   assert json.loads((work / "study.json").read_text())["rows"] == table["rows"]
   changed = subprocess.run(
     _study(work, "--config.model.dropout=0.5"), cwd=ROOT, env=_env(), capture_output=True, text=True
