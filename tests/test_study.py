@@ -181,7 +181,11 @@ def test_study_end_to_end_killed_and_resumed(tmp_path):
     avg = row["cells"]["avg (targets)"]
     assert avg["seeds"] == pytest.approx(row["cells"]["demo_unseen"]["seeds"])
   md = (work / "study.md").read_text()
-  assert md.count("\n| ") == 4 and study.format_cell(table["rows"][0]["cells"]["demo"]) in md
+  # legend, results table, diagnostics legend, diagnostics table
+  _, results, _, diagnostics = md.split("\n\n")
+  assert results.count("\n| ") == 3 and study.format_cell(table["rows"][0]["cells"]["demo"]) in md
+  assert [line.split(" | ")[0] for line in results.splitlines()[2:]] == ["| O", "| O+S"]
+  assert "stream_cosine" in diagnostics and diagnostics.count("\n| ") == 3
   assert (work / "study.csv").read_text().startswith("method,seeds,demo mean")
   assert "\\begin{tabular}" in (work / "study.tex").read_text()
   assert (work / "curves.png").stat().st_size > 10_000
