@@ -7,6 +7,7 @@ Variants (``--config=configs/effnet.py:<arg>``):
   demo    the embedded default: a tiny EfficientNet on the procedural demo faces, a few
           minutes on a 2-core CPU, no download.
   ffhq_mini  real faces of ../shared/data (FFHQ vs StyleGAN2, DFDC as the unseen domain).
+  sbi_recipe  SBI's own recipe for comparison: S + SAM (rho 0.05), 380 px.
   k_streams  beyond the paper: CS-DFD over six streams, one per FF++ manipulation (Deepfakes,
           Face2Face, FaceSwap, NeuralTextures, FaceShifter) and SBI; UVS balances all six and
           CGR sums Eq. 24 over the stream pairs.
@@ -24,7 +25,7 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.method = "csdfd"  # O | S | O+S | uvs | cgr | csdfd
+  config.method = "csdfd"  # O | S | O+S | uvs | cgr | csdfd | sam | roga
   config.seed = 0
   # How every multi-stream method (O+S, uvs, cgr, csdfd) combines the stream gradients into
   # g0: "sum" (paper Eq. 3, L1 + L2) or "mean" (CAGrad's convention; half the step for K = 2).
@@ -52,6 +53,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "exact": the exact gradient of the conflict loss Eq. 18 on phi, weighted by cgr.weight.
   config.cgr.mode = "eq24"
   config.cgr.weight = 1.0  # exact mode only: L_total = sum_k L_k + weight * L_phi
+
+  # SAM around another method (csdfd_jax.methods.sam); SBI's recipe is S + SAM, rho 0.05.
+  config.sam = ml_collections.ConfigDict()
+  config.sam.rho = 0.05
+  config.sam.base = "S"  # the wrapped method: its streams, gradients and transform
+  config.sam.epsilon = "joint"  # "joint": one eps from the summed loss; "per_stream"
+
+  # RoGA (csdfd_jax.methods.roga; configs/roga.py): alpha and rho of Table VI's optimum.
+  config.roga = ml_collections.ConfigDict()
+  config.roga.rho = 0.1
+  config.roga.alpha = 0.001
+  config.roga.mode = "exact"  # "exact" | "stopgrad_target" | "first_order" (SAGM-style)
+  config.roga.robust = True  # False: Table III row (c), the clean loss plus the alignment term
+  config.roga.clean_weight = 0.0  # adds w * grad L_i(theta), a SAGM-like clean term
+  config.roga.combine = "mean"  # "mean" (Eq. 6's 1/K) or "uvs" over the per-domain directions
 
   config.data = ml_collections.ConfigDict()
   config.data.demo = False
@@ -150,10 +166,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 10
     config.train.eval_every = 100
     config.train.checkpoint_every = 100
+  elif arg == "sbi_recipe":
+    # SBI's own training (Shiohara & Yamasaki 2022): S + SAM (rho 0.05) with SGD lr 1e-3,
+    # momentum 0.9, linear decay over the last quarter, EfficientNet-B4 at 380 px.
+    config.method = "sam"
+    config.sam.base = "S"
+    config.data.image_size = 380
   elif arg == "k_streams":
     config.data.streams = "Deepfakes,Face2Face,FaceSwap,NeuralTextures,FaceShifter,sbi"
   elif arg:
     raise ValueError(
-      f"unknown config variant {arg!r} for configs/effnet.py; valid: demo, ffhq_mini, k_streams"
+      f"unknown config variant {arg!r} for configs/effnet.py; valid: demo, ffhq_mini, "
+      "k_streams, sbi_recipe"
     )
   return config

@@ -8,8 +8,10 @@
 | ``uvs``   | o, s | UVS on all parameters    | csdfd |
 | ``cgr``   | o, s | CGR on phi, sum elsewhere | csdfd |
 | ``csdfd`` | o, s (or K declared streams) | CGR on phi, UVS elsewhere (Algorithm 1) | csdfd |
+| ``sam``   | those of ``sam.base`` (S) | the base method's, at theta + rho g/||g|| | sam |
+| ``roga``  | K declared domains (o, s) | mean of per-domain RoGA gradients (Eq. 6) | roga |
 
-Every one computes per-stream BCE gradients; ``cgr.mode="exact"`` adds the exact gradient of
+The first six compute per-stream BCE gradients; ``cgr.mode="exact"`` adds the exact gradient of
 the conflict loss (Eq. 18) to phi's.
 
 The contract (``Method``): the method declares its streams (``specs``: which records give each
@@ -35,7 +37,16 @@ from csdfd_jax.data.pipeline import StreamSpec, default_spec
 from csdfd_jax.methods.step import GradFn, bce, per_stream
 from csdfd_jax.transforms import opt_state_scalars
 
-METHODS = {"O": "erm", "S": "erm", "O+S": "erm", "uvs": "csdfd", "cgr": "csdfd", "csdfd": "csdfd"}
+METHODS = {
+  "O": "erm",
+  "S": "erm",
+  "O+S": "erm",
+  "uvs": "csdfd",
+  "cgr": "csdfd",
+  "csdfd": "csdfd",
+  "sam": "sam",
+  "roga": "roga",
+}
 
 
 def bce_per_stream(streams: tuple[str, ...]) -> Callable[[nn.Module], GradFn]:

@@ -96,10 +96,15 @@ GradFn = Callable[[PyTree, PyTree, dict, jax.Array], Gradients]
 StreamGradFn = Callable[[PyTree, PyTree, dict, jax.Array], tuple[jax.Array, PyTree, PyTree, dict]]
 
 
-def bce(model: nn.Module, *, features: bool = False) -> StreamGradFn:
+LossFn = Callable[[PyTree, PyTree, dict, jax.Array], tuple[jax.Array, tuple[PyTree, dict]]]
+# (params, model_state, one stream's batch, rng) -> (loss, (proposed model state, aux))
+
+
+def bce_loss(model: nn.Module, *, features: bool = False) -> LossFn:
   """One stream's mean sigmoid binary cross-entropy on the detector's fake logit (paper Eq. 1),
-  its gradient, the proposed BatchNorm statistics, and ``aux["accuracy"]`` (plus the backbone
-  features ``aux["pooled"]`` when ``features``)."""
+  with the proposed BatchNorm statistics and ``aux["accuracy"]`` (plus the backbone features
+  ``aux["pooled"]`` when ``features``). A method that differentiates the loss its own way
+  (perturbed passes, Hessian-vector products) starts from this."""
   mutable = ["batch_stats", "intermediates"] if features else ["batch_stats"]
 
   def loss_fn(params, model_state, stream, rng):
@@ -117,6 +122,13 @@ def bce(model: nn.Module, *, features: bool = False) -> StreamGradFn:
       aux["pooled"] = mutated["intermediates"]["pooled"][0]
     return loss, (mutated.get("batch_stats", {}), aux)
 
+  return loss_fn
+
+
+def bce(model: nn.Module, *, features: bool = False) -> StreamGradFn:
+  """The gradient of ``bce_loss``: (loss, grads, proposed statistics, aux) for one stream."""
+  loss_fn = bce_loss(model, features=features)
+
   def stream_grad(params, model_state, stream, rng):
     (loss, (stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       params, model_state, stream, rng
@@ -124,6 +136,22 @@ def bce(model: nn.Module, *, features: bool = False) -> StreamGradFn:
     return loss, grads, stats, aux
 
   return stream_grad
+
+
+def stack_batch(batch: dict, streams: tuple[str, ...]) -> dict:
+  """``{field: [K, B, ...]}`` from ``{stream: {field: [B, ...]}}`` in the order of ``streams``."""
+  return {k: jnp.stack([batch[s][k] for s in streams]) for k in batch[streams[0]]}
+
+
+def stream_rngs(rng: jax.Array, streams: tuple[str, ...]) -> jax.Array:
+  """One rng per stream, the same for every pass of a step over that stream (a perturbed pass
+  reuses its clean pass's dropout and drop-path masks)."""
+  return jax.random.split(rng, len(streams))
+
+
+def mean_stats(stats: PyTree) -> PyTree:
+  """The new running statistics: the mean over the stream axis of the streams' proposals."""
+  return jax.tree.map(lambda x: stream_sum(x) / x.shape[0], stats)
 
 
 def per_stream(stream_grad: StreamGradFn, streams: tuple[str, ...]) -> GradFn:
@@ -134,15 +162,13 @@ def per_stream(stream_grad: StreamGradFn, streams: tuple[str, ...]) -> GradFn:
   vmapped = jax.vmap(stream_grad, in_axes=(None, None, 0, 0))
 
   def gradients(params, model_state, batch, rng) -> Gradients:
-    stacked = {k: jnp.stack([batch[s][k] for s in streams]) for k in batch[streams[0]]}
-    rngs = jax.random.split(rng, len(streams))
-    losses, grads, stats, aux = vmapped(params, model_state, stacked, rngs)
-    merged = jax.tree.map(lambda x: stream_sum(x) / x.shape[0], stats)
+    stacked = stack_batch(batch, streams)
+    losses, grads, stats, aux = vmapped(params, model_state, stacked, stream_rngs(rng, streams))
     metrics = {
       f"{k}/{s}": v[i] for k, v in aux.items() if v.ndim == 1 for i, s in enumerate(streams)
     }
     extra = {k: v for k, v in aux.items() if v.ndim > 1}
-    return Gradients(grads, losses, merged, metrics, extra)
+    return Gradients(grads, losses, mean_stats(stats), metrics, extra)
 
   return gradients
 

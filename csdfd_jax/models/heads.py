@@ -74,4 +74,4 @@ class Detector(nn.Module):
       self.sow("intermediates", "embedding", f)
     f = nn.Dropout(self.dropout, deterministic=not train)(f)
     logit = nn.Dense(1, dtype=self.dtype, name="classifier")(f)
-    return logit[..., 0].astype(jnp.float32)
+    return logit[..., 0].astype(jnp.promote_types(self.dtype, jnp.float32))

@@ -30,11 +30,12 @@ class BatchNorm(nn.Module):
   Train mode normalises with the biased batch variance but updates the running variance
   with the unbiased one (n / (n - 1)), with ``momentum`` weighting the new batch (torch
   convention: running = (1 - m) running + m batch). Statistics are computed in float32
-  whatever the compute dtype, and so is the normalisation ``(x - mean) * k + bias``
-  (XLA fuses the casts into it), cast back to the compute dtype at the end: folding it into
-  ``x * k + (bias - mean * k)`` in bfloat16 loses the small difference of two large terms
-  when |mean| >> std. Variables: ``scale``/``bias`` (torch ``weight``/``bias``),
-  ``batch_stats`` ``mean``/``var`` (``running_mean``/``running_var``).
+  whatever the compute dtype (float64 stays float64, for reference tests), and so is the
+  normalisation ``(x - mean) * k + bias`` (XLA fuses the casts into it), cast back to the
+  compute dtype at the end: folding it into ``x * k + (bias - mean * k)`` in bfloat16 loses
+  the small difference of two large terms when |mean| >> std. Variables: ``scale``/``bias``
+  (torch ``weight``/``bias``), ``batch_stats`` ``mean``/``var`` (``running_mean``/
+  ``running_var``).
   """
 
   epsilon: float = 1e-5
@@ -48,7 +49,7 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-    xf = x.astype(jnp.float32)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64
     if train:
       axes = tuple(range(x.ndim - 1))
       mean = xf.mean(axes)
