@@ -13,6 +13,15 @@ Three steps at equal images per step (B per stream, 2B per step), timed in one r
   torch O+S    PyTorch eager, timm backbone + Linear projection (phi) + Linear classifier, each
                stream's forward on its own sub-batch, one backward of the summed BCE losses, SGD
 
+With ``--peers``, the peer methods' steps on the same two streams (o, s) and images per step,
+each reported as a ratio to O+S (ERM, one backward pass per step):
+
+  sam           SAM around O+S (``sam.base="O+S"``, one eps from the summed loss): 2 passes
+  sam/stream    SAM with one eps per stream (``sam.epsilon="per_stream"``)
+  roga fo       RoGA ``first_order`` (SAGM-style, no Hessian-vector product): 2 passes
+  roga sg       RoGA ``stopgrad_target``: a gradient, then one forward-over-reverse HVP
+  roga exact    RoGA ``exact``: a linearised gradient, one HVP at theta + eps, one linear map
+
 Both frameworks run the same architecture (``Detector``: uint8 input normalised inside the model
 with the variant's mean/std, backbone, phi of ``--proj`` units, one logit) from random weights,
 dropout and drop-path off. JAX steps are one ``jax.jit`` with the state donated; every step ends
@@ -80,10 +89,23 @@ class JaxStep:
   """The project's jitted, donated train step of ``method`` on an EfficientNet ``Detector``."""
 
   def __init__(
-    self, variant, method, *, size, batch, device, dtype=jnp.float32, proj=512, cgr_mode="eq24"
+    self,
+    variant,
+    method,
+    *,
+    size,
+    batch,
+    device,
+    dtype=jnp.float32,
+    proj=512,
+    cgr_mode="eq24",
+    overrides=None,
   ):
     config = effnet_config()
     config.cgr.mode = cgr_mode
+    for key, value in (overrides or {}).items():
+      section, name = key.split(".")
+      config[section][name] = value
     backbone = efficientnet.create(
       variant, num_classes=0, dtype=dtype, drop_rate=0.0, drop_path_rate=0.0
     )
@@ -221,6 +243,7 @@ def main() -> None:
   parser.add_argument("--no-torch", action="store_true", help="only csdfd vs O+S")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+  parser.add_argument("--peers", action="store_true", help="add sam and roga rows")
   args = parser.parse_args()
   if args.batch < 2 or args.batch % 2:
     raise SystemExit("--batch must be even (half real, half fake per stream)")
@@ -237,6 +260,20 @@ def main() -> None:
     start = time.perf_counter()
     runners[name] = JaxStep(
       args.variant, method, dtype=dtype, proj=args.proj, cgr_mode=mode, **shape
+    )
+    runners[name].run(1)
+    compile_s[name] = time.perf_counter() - start
+  peers = {
+    "sam": ("sam", {"sam.base": "O+S"}),
+    "sam/stream": ("sam", {"sam.base": "O+S", "sam.epsilon": "per_stream"}),
+    "roga fo": ("roga", {"roga.mode": "first_order"}),
+    "roga sg": ("roga", {"roga.mode": "stopgrad_target"}),
+    "roga exact": ("roga", {"roga.mode": "exact"}),
+  }
+  for name, (method, overrides) in peers.items() if args.peers else ():
+    start = time.perf_counter()
+    runners[name] = JaxStep(
+      args.variant, method, dtype=dtype, proj=args.proj, overrides=overrides, **shape
     )
     runners[name].run(1)
     compile_s[name] = time.perf_counter() - start
@@ -286,6 +323,8 @@ def main() -> None:
     f"the difference is {100 * extra / med['O+S']:.1f}% of the O+S step, i.e. csdfd / O+S "
     f"= {1 + extra / med['O+S']:.3f}x from the update alone"
   )
+  for name in peers if args.peers else ():
+    print(f"{name} / O+S (ERM), time per step: {med[name] / med['O+S']:.3f}x")
   if "torch O+S" in med:
     ratio = med["O+S"] / med["torch O+S"]
     print(f"JAX O+S / torch O+S, time per step: {ratio:.3f}x (below 1: JAX faster)")

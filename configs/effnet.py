@@ -25,7 +25,7 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.method = "csdfd"  # O | S | O+S | uvs | cgr | csdfd | sam | roga
+  config.method = "csdfd"  # O | S | O+S | uvs | cgr | csdfd | sam | roga | gr | dualflat
   config.seed = 0
   # How every multi-stream method (O+S, uvs, cgr, csdfd) combines the stream gradients into
   # g0: "sum" (paper Eq. 3, L1 + L2) or "mean" (CAGrad's convention; half the step for K = 2).
@@ -68,6 +68,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.roga.robust = True  # False: Table III row (c), the clean loss plus the alignment term
   config.roga.clean_weight = 0.0  # adds w * grad L_i(theta), a SAGM-like clean term
   config.roga.combine = "mean"  # "mean" (Eq. 6's 1/K) or "uvs" over the per-domain directions
+
+  # Gradient regularisation with PIM, and DualFlat (csdfd_jax.methods.gr; configs/gr.py).
+  config.gr = ml_collections.ConfigDict()
+  config.gr.streams = "o"  # comma-separated; each stream gets its own Delta, summed as O+S
+  config.gr.r = 0.1  # ||Delta|| (Eq. 9), in feature units at the site
+  config.gr.alpha = 1.0  # Eq. 12: (1 - alpha) L + alpha L(f')
+  config.gr.sites = ""  # module paths under the backbone; "" = the family's first stage
+  config.gr.delta = "shared"  # "shared" over the batch (Sec. III-D) or "per_sample"
+  config.gr.beta = 0.0  # dualflat only (Eq. 14): weight of the SAM term
+  config.gr.r_sam = 0.05  # dualflat only: r' of the SAM term
 
   config.data = ml_collections.ConfigDict()
   config.data.demo = False

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from csdfd_jax import methods
-from csdfd_jax.methods.step import create_train_state, make_train_step
+from csdfd_jax.methods.step import create_train_state, make_step, make_train_step
 from csdfd_jax.models.heads import Detector
 
 
@@ -35,6 +35,11 @@ def method_config(c=0.5, tau=0.01):
   cfg.reduction = "sum"
   cfg.uvs = dict(c=c, rescale="none")
   cfg.cgr = dict(tau=tau, projection="projection")
+  cfg.sam = dict(rho=0.05, base="O+S", epsilon="joint")
+  cfg.roga = dict(rho=0.1, alpha=0.01, mode="exact", robust=True, clean_weight=0.0, combine="mean")
+  # the PIM after ConvBN's BatchNorm
+  pim = dict(streams="o,s", r=0.1, alpha=0.5, sites="BatchNorm_0", delta="shared")
+  cfg.gr = pim | dict(beta=0.2, r_sam=0.05)  # the PIM after ConvBN's BatchNorm
   return ml_collections.ConfigDict(cfg)
 
 
@@ -104,10 +109,14 @@ def test_stacked_gradients_equal_separate_per_stream_passes():
 @pytest.mark.parametrize("name", list(methods.METHODS))
 def test_every_method_steps_finitely_and_compiles_once(name):
   model = conv_detector()
-  method = methods.get(name, method_config())
+  config = method_config()
+  if name == "gr":
+    config.gr.beta = 0.0
+  method = methods.get(name, config)
   tx = optax.chain(method.transform, optax.sgd(0.1))
   state = init_state(model, tx)
-  step = jax.jit(make_train_step(model, tx, method.streams))
+  gradients = method.gradient_fn(model)  # the method's own (peers: perturbed passes, HVPs)
+  step = jax.jit(make_step(gradients, tx, method.streams, diagnostics=method.diagnostics))
   before = state.params
   for i in range(3):
     state, m = step(state, random_batch(i, method.streams))
@@ -121,6 +130,10 @@ def test_every_method_steps_finitely_and_compiles_once(name):
     assert "uvs_weight/0" in m and "stream_cosine" in m
   if name in ("cgr", "csdfd"):
     assert "cgr_correction_ratio" in m
+  if name in ("sam", "roga"):
+    assert "loss/perturbed/o" in m and "loss/perturbed/s" in m
+  if name in ("gr", "dualflat"):
+    assert m["pim/delta_norm/o"] == pytest.approx(0.1, rel=1e-4)
 
 
 def test_sum_method_update_is_the_summed_gradient():

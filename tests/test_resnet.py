@@ -25,17 +25,7 @@ _apply, _eval_both, _matmul_dtypes, _state = bp.apply, bp.eval_both, bp.matmul_d
 TOL = dict(rtol=1e-3, atol=1e-4)
 
 
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-  """Random BN affine and running statistics (timm zero-inits the last BN of each block)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-        m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-        m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-  return model
+_randomize = bp.randomize_bn
 
 
 def _check_parity(tmodel, variables, flax_model, size=48, batch=3):

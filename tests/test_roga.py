@@ -357,37 +357,12 @@ def test_one_update_agrees_with_a_torch_double_backprop_of_eq6():
     + KINKS
   )
   torch = pytest.importorskip("torch")
-  timm = pytest.importorskip("timm")
+  pytest.importorskip("timm")
+  from backbone_parity import float64_tiny_resnet, torch_input
   from torch.func import functional_call
 
-  from csdfd_jax.models import resnet
-  from csdfd_jax.models.heads import Detector
-
-  torch.manual_seed(0)
-  cfg = resnet.VARIANTS["tiny"]
-  tmodel = timm.create_model(
-    "resnet34", pretrained=False, num_classes=1, layers=cfg["layers"], channels=cfg["channels"]
-  )
-  gen = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for m in tmodel.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
-        m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-  tmodel.train().double()
+  tmodel, model, to_flax = float64_tiny_resnet()
   sd = {k: v.detach().numpy().copy() for k, v in tmodel.state_dict().items()}
-  mean, std = (0.5,) * 3, (0.25,) * 3
-  f64 = jnp.float64
-  backbone = resnet.create("tiny", num_classes=0, dtype=f64)
-  model = Detector(backbone, mean, std, projection_dims=(), dropout=0.0, dtype=f64)
-
-  def to_flax(state):
-    backbone = resnet.convert_timm(state, "tiny", num_classes=0)
-    head = {"kernel": jnp.asarray(state["fc.weight"].T), "bias": jnp.asarray(state["fc.bias"])}
-    return {"backbone": backbone["params"], "classifier": head}, {
-      "backbone": backbone["batch_stats"]
-    }
-
   streams = STREAMS[:2]
   batch = _image_batch(streams, b=6, size=32, seed=5)
   rho, alpha = 0.1, 0.05
@@ -403,11 +378,9 @@ def test_one_update_agrees_with_a_torch_double_backprop_of_eq6():
   buffers = {n: b.clone() for n, b in tmodel.named_buffers()}
 
   def loss(ps, s):
-    # The detector normalises uint8 images in float32 before its float64 compute; so here.
-    images = torch.from_numpy(np.asarray(batch[s]["image"], np.float32))
-    x = ((images - torch.tensor(mean) * 255) / (torch.tensor(std) * 255)).double()
+    x = torch_input(batch[s]["image"])
     state = dict(zip(names, ps, strict=True)) | {k: v.clone() for k, v in buffers.items()}
-    logits = functional_call(tmodel, state, (x.permute(0, 3, 1, 2),))[:, 0]
+    logits = functional_call(tmodel, state, (x,))[:, 0]
     labels = torch.from_numpy(np.asarray(batch[s]["label"], np.float64))
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
@@ -436,38 +409,18 @@ def test_one_update_agrees_with_a_torch_double_backprop_of_eq6():
 # ------------------------------------------------------------------ through the loop
 
 
-@pytest.fixture(scope="module")
-def records(tmp_path_factory) -> str:
-  from csdfd_jax.data import builder, demo
-
-  base = tmp_path_factory.mktemp("roga")
-  store = demo.make_demo_store(
-    base / "store", size=64, train=4, val=2, test=2, unseen=2, frames=2, families=("gan", "swap")
-  )
-  return str(builder.build_records(store, base / "records"))
-
-
 @pytest.mark.parametrize("method", ["sam", "roga"])
 def test_trains_through_the_loop_and_eval_and_predict_read_the_checkpoint(
-  records, tmp_path, method
+  peer_records, tmp_path, method
 ):
-  import json
-  import os
-
+  from peer_e2e import train_eval_predict
   from test_train import tiny_config
 
-  from csdfd_jax import eval_lib, predict, train_lib
-
-  config = tiny_config(records, method, steps=2)
+  config = tiny_config(peer_records, method, steps=2)
   config.train.checkpoint_every = 2
   if method == "sam":
     config.sam.base = "O+S"
-  workdir = str(tmp_path / "run")
-  summary = train_lib.train_and_evaluate(config, workdir)
-  assert summary["end_step"] == 2
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f if '"loss/total"' in line]
-  assert len(rows) == 2
+  rows, predictor = train_eval_predict(config, peer_records, tmp_path)
   for r in rows:
     for s in ("o", "s"):
       assert np.isfinite(r[f"loss/{s}"]) and np.isfinite(r[f"loss/perturbed/{s}"])
@@ -478,13 +431,6 @@ def test_trains_through_the_loop_and_eval_and_predict_read_the_checkpoint(
     else:
       assert r["sam/eps_norm"] == pytest.approx(0.05, rel=1e-4)
     assert "stream_cosine" in r
-  sets = [eval_lib.TestSet("demo", records, "test", ("demo",))]
-  runs, _ = eval_lib.evaluate([workdir], sets, str(tmp_path / "eval"), gradcam=False)
-  assert runs[0]["step"] == 2 and runs[0]["method"] == method
-  predictor = predict.Predictor.from_run(workdir, "last", batch_size=2)
-  faces = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-  scores = predictor.score_faces(faces)
-  assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
 
 
 def _config(**changes):

@@ -10,6 +10,8 @@
 | ``csdfd`` | o, s (or K declared streams) | CGR on phi, UVS elsewhere (Algorithm 1) | csdfd |
 | ``sam``   | those of ``sam.base`` (S) | the base method's, at theta + rho g/||g|| | sam |
 | ``roga``  | K declared domains (o, s) | mean of per-domain RoGA gradients (Eq. 6) | roga |
+| ``gr``    | ``gr.streams`` (o) | (1-a) g + a g(PIM-perturbed features), summed (Eq. 12) | gr |
+| ``dualflat`` | ``gr.streams`` (o) | GR plus b g(theta + r' g/||g||) (Eq. 14) | gr |
 
 The first six compute per-stream BCE gradients; ``cgr.mode="exact"`` adds the exact gradient of
 the conflict loss (Eq. 18) to phi's.
@@ -46,6 +48,8 @@ METHODS = {
   "csdfd": "csdfd",
   "sam": "sam",
   "roga": "roga",
+  "gr": "gr",
+  "dualflat": "gr",
 }
 
 
