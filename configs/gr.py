@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import effnet
+from configs import effnet, parse_variants
 
 VARIANTS = ("demo", "sbi", "effb4", "resnet50", "xception", "dualflat")
 MODELS = {
@@ -39,12 +39,7 @@ MODELS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  for v in variants:
-    if v not in VARIANTS:
-      raise ValueError(
-        f"unknown config variant {v!r} for configs/gr.py; valid: {', '.join(VARIANTS)}"
-      )
+  variants = parse_variants(arg, VARIANTS, "configs/gr.py")
   chosen = [v for v in variants if v in MODELS]
   if len(chosen) > 1 or (chosen and "demo" in variants):
     raise ValueError(f"configs/gr.py: at most one model among demo, {', '.join(MODELS)}")

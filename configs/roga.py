@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import effnet
+from configs import effnet, parse_variants
 
 DOMAINS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")
 GID = {
@@ -50,12 +50,7 @@ VARIANTS = ("demo", *GID, "alpha_text", "ablation_b", "ablation_c", "first_order
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  for v in variants:
-    if v not in VARIANTS:
-      raise ValueError(
-        f"unknown config variant {v!r} for configs/roga.py; valid: {', '.join(VARIANTS)}"
-      )
+  variants = parse_variants(arg, VARIANTS, "configs/roga.py")
   if len([v for v in variants if v in GID]) > 1:
     raise ValueError(f"configs/roga.py: at most one of {', '.join(GID)}")
   demo = "demo" in variants

@@ -51,8 +51,16 @@ import jax.numpy as jnp
 import optax
 
 from csdfd_jax.methods import Method
-from csdfd_jax.methods.roga import _axpy, _norm, _vdot, sam_perturbation
-from csdfd_jax.methods.step import Gradients, mean_stats, stack_batch, stream_rngs
+from csdfd_jax.methods.roga import sam_perturbation
+from csdfd_jax.methods.step import (
+  Gradients,
+  mean_stats,
+  stack_batch,
+  stream_rngs,
+  tree_axpy,
+  tree_norm,
+  tree_vdot,
+)
 from csdfd_jax.transforms import stack_streams, sum_streams
 
 # Module paths under the backbone; "-1" is the last block of the stage.
@@ -203,20 +211,24 @@ def stream_update(
     )(zero)
   terms = []
   if alpha != 0.0:
-    sensitivity = _norm(g_delta)
+    sensitivity = tree_norm(g_delta)
     scale = r / (sensitivity + 1e-12)
     delta = jax.lax.stop_gradient(jax.tree.map(lambda g: (scale * g).astype(g.dtype), g_delta))
     (loss_p, _), g2 = jax.value_and_grad(loss_fn, has_aux=True)(
       params, model_state, stream, rng, delta
     )
     terms.append((alpha, g2))
-    metrics |= {"sensitivity": sensitivity, "delta_norm": _norm(delta), "loss_gap": loss_p - loss}
+    metrics |= {
+      "sensitivity": sensitivity,
+      "delta_norm": tree_norm(delta),
+      "loss_gap": loss_p - loss,
+    }
     if g1 is not None:
-      metrics["cos_g1_g2"] = _vdot(g1, g2) / jnp.maximum(_norm(g1) * _norm(g2), 1e-30)
+      metrics["cos_g1_g2"] = tree_vdot(g1, g2) / jnp.maximum(tree_norm(g1) * tree_norm(g2), 1e-30)
   if w_clean != 0.0:
     terms.append((w_clean, g1))
   if beta != 0.0:
-    moved = _axpy(1.0, sam_perturbation(g1, r_sam), params)
+    moved = tree_axpy(1.0, sam_perturbation(g1, r_sam), params)
     (loss_s, _), g3 = jax.value_and_grad(loss_fn, has_aux=True)(
       moved, model_state, stream, rng, None
     )
@@ -225,7 +237,7 @@ def stream_update(
   (w, first), rest = terms[0], terms[1:]
   u = first if w == 1.0 else jax.tree.map(lambda x: (w * x).astype(x.dtype), first)
   for w, g in rest:
-    u = _axpy(w, g, u)
+    u = tree_axpy(w, g, u)
   metrics["accuracy"] = aux["accuracy"]
   return u, loss, stats, metrics
 

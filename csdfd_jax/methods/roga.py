@@ -50,7 +50,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from csdfd_jax.methods import Method, stream_names
 from csdfd_jax.methods.step import (
@@ -61,6 +60,9 @@ from csdfd_jax.methods.step import (
   mean_stats,
   stack_batch,
   stream_rngs,
+  tree_axpy,
+  tree_norm,
+  tree_vdot,
 )
 from csdfd_jax.transforms import stack_streams, sum_streams, uvs
 
@@ -68,28 +70,9 @@ MODES = ("exact", "stopgrad_target", "first_order")
 COMBINE = ("mean", "uvs")
 
 
-def _up(tree):
-  """The tree in at least float32 (float64 stays float64)."""
-  return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
-
-
-def _norm(tree) -> jax.Array:
-  return optax.tree.norm(_up(tree))
-
-
-def _vdot(a, b) -> jax.Array:
-  pairs = zip(jax.tree.leaves(_up(a)), jax.tree.leaves(_up(b)), strict=True)
-  return sum(jnp.vdot(x, y) for x, y in pairs)
-
-
-def _axpy(alpha, x, y):
-  """y + alpha * x, leafwise, in y's dtypes."""
-  return jax.tree.map(lambda a, b: (b + alpha * a).astype(b.dtype), x, y)
-
-
 def sam_perturbation(g, rho: float):
   """eps = rho g / (||g|| + 1e-12) (Eq. 4; SAM), a constant for differentiation."""
-  scale = rho / (_norm(g) + 1e-12)
+  scale = rho / (tree_norm(g) + 1e-12)
   return jax.lax.stop_gradient(jax.tree.map(lambda x: (scale * x).astype(x.dtype), g))
 
 
@@ -127,27 +110,27 @@ def domain_update(
     g, (loss, stats, aux) = grad_fn(params)
     hvp_clean = None
   eps = sam_perturbation(g, rho)
-  perturbed = _axpy(1.0, eps, params)
+  perturbed = tree_axpy(1.0, eps, params)
 
   if not second_order:
     if mode == "first_order" and alpha != 0.0:
-      perturbed = _axpy(-alpha, g, perturbed)  # theta + eps - alpha g
+      perturbed = tree_axpy(-alpha, g, perturbed)  # theta + eps - alpha g
     gp, (loss_p, _, _) = grad_fn(perturbed)
     u = gp if robust else g
   else:
     gp, hg, (loss_p, _, _) = jax.jvp(lambda q: grad_fn(q), (perturbed,), (g,), has_aux=True)
     correction = hg if hvp_clean is None else jax.tree.map(jnp.add, hg, hvp_clean(gp))
-    u = _axpy(-alpha, correction, gp if robust else g)
+    u = tree_axpy(-alpha, correction, gp if robust else g)
   if clean_weight:
-    u = _axpy(clean_weight, g, u)
+    u = tree_axpy(clean_weight, g, u)
 
-  g_norm, gp_norm = _norm(g), _norm(gp)
-  align = _vdot(gp, g)
+  g_norm, gp_norm = tree_norm(g), tree_norm(gp)
+  align = tree_vdot(gp, g)
   metrics = {
     "loss_perturbed": loss_p,
     "align": align,
     "cos": align / jnp.maximum(g_norm * gp_norm, 1e-30),
-    "eps_norm": _norm(eps),
+    "eps_norm": tree_norm(eps),
     "accuracy": aux["accuracy"],
   }
   return u, loss, stats, metrics

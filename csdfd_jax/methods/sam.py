@@ -25,13 +25,11 @@ global-batch SAM, not per-device m-sharpness. A step costs two of the base metho
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-import optax
 
 from csdfd_jax import methods
 from csdfd_jax.methods import Method
 from csdfd_jax.methods.roga import domain_gradients, sam_perturbation
-from csdfd_jax.methods.step import GradFn, Gradients, bce_loss
+from csdfd_jax.methods.step import GradFn, Gradients, bce_loss, tree_axpy, tree_norm
 from csdfd_jax.transforms import stream_sum
 
 EPSILON = ("joint", "per_stream")
@@ -43,11 +41,11 @@ def joint_sam(base: GradFn, streams: tuple[str, ...], rho: float) -> GradFn:
   def gradients(params, model_state, batch, rng) -> Gradients:
     clean = base(params, model_state, batch, rng)
     eps = sam_perturbation(jax.tree.map(stream_sum, clean.grads), rho)
-    perturbed = jax.tree.map(lambda p, e: p + e.astype(p.dtype), params, eps)
+    perturbed = tree_axpy(1.0, eps, params)
     adv = base(perturbed, model_state, batch, rng)
     metrics = dict(clean.metrics)
     metrics |= {f"loss/perturbed/{s}": adv.losses[i] for i, s in enumerate(streams)}
-    metrics["sam/eps_norm"] = optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), eps))
+    metrics["sam/eps_norm"] = tree_norm(eps)
     return Gradients(adv.grads, clean.losses, clean.model_state, metrics, clean.aux)
 
   return gradients

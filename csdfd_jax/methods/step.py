@@ -65,8 +65,25 @@ def create_train_state(variables: PyTree, tx: optax.GradientTransformation, rng)
   )
 
 
-def _norm(tree) -> jax.Array:
-  return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+def _up(tree):
+  """The tree in at least float32 (float64 stays float64)."""
+  return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+
+
+def tree_norm(tree) -> jax.Array:
+  """The global L2 norm of a tree, in at least float32."""
+  return optax.tree.norm(_up(tree))
+
+
+def tree_vdot(a, b) -> jax.Array:
+  """<a, b> over all leaves, in at least float32."""
+  pairs = zip(jax.tree.leaves(_up(a)), jax.tree.leaves(_up(b)), strict=True)
+  return sum(jnp.vdot(x, y) for x, y in pairs)
+
+
+def tree_axpy(alpha, x, y):
+  """y + alpha * x, leafwise, in y's dtypes."""
+  return jax.tree.map(lambda a, b: (b + alpha * a).astype(b.dtype), x, y)
 
 
 def stream_metrics(grads: PyTree, streams: tuple[str, ...]) -> dict[str, jax.Array]:
@@ -199,8 +216,8 @@ def make_step(
     metrics |= stream_metrics(g.grads, streams)
     metrics |= diagnostics(opt_state)
     metrics["loss/total"] = jnp.sum(g.losses)
-    metrics["update_norm"] = _norm(updates)
-    metrics["param_norm"] = _norm(params)
+    metrics["update_norm"] = tree_norm(updates)
+    metrics["param_norm"] = tree_norm(params)
     if learning_rate is not None:
       metrics["learning_rate"] = learning_rate(state.step)
     finite = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(metrics["update_norm"])
