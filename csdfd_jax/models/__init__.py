@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-FAMILIES = ("efficientnet", "vit", "xception", "resnet", "convnext")
+FAMILIES = ("efficientnet", "vit", "xception", "resnet", "convnext", "clip")
 
 
 def family(name: str) -> ModuleType:

@@ -88,7 +88,8 @@ def convert(
   valid = getattr(module, "VARIANTS", None)
   if valid is not None and variant.split(".", 1)[0] not in valid:
     raise ValueError(f"unknown {family} variant {variant!r}; valid: {', '.join(valid)}")
-  state_dict = weights.load_state_dict(input_path)
+  # A family may read a source's own format (CLIP: OpenAI's TorchScript archives).
+  state_dict = getattr(module, f"load_{source}", weights.load_state_dict)(input_path)
   kwargs = {}
   if num_classes is not None:
     if "num_classes" not in inspect.signature(fns[source]).parameters:
