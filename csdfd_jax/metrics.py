@@ -8,6 +8,7 @@ inferred from file names.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,41 @@ def equal_error_rate(labels: np.ndarray, scores: np.ndarray) -> tuple[float, flo
   lo, hi = thresholds[i - 1], thresholds[i]
   threshold = lo + t * (hi - lo) if np.isfinite(lo) else hi
   return float(eer), float(threshold)
+
+
+def prior_error_rate(labels: np.ndarray, scores: np.ndarray, p_real: float = 0.5) -> float:
+  """GM-DF's EER with the prior P = ``p_real`` (its "P_real parameter"; the paper gives no
+  formula, ``../shared/notes/peers.md`` 3.4 item 20): EER_P = P FRR(t*) + (1 - P) FAR(t*) at the
+  threshold t* where P FRR(t) = (1 - P) FAR(t), FRR = reals scored fake (the FPR, label 1 =
+  fake), FAR = fakes passed as real (the FNR); linearly interpolated between the two ROC points
+  that bracket the crossing, as ``equal_error_rate``. P = 0.5 gives exactly the EER."""
+  if not 0.0 < p_real < 1.0:
+    raise ValueError(f"p_real must be in (0, 1), got {p_real}")
+  fpr, tpr, _ = roc_curve(labels, scores)
+  fnr = 1.0 - tpr
+  diff = (1.0 - p_real) * fnr - p_real * fpr  # decreasing along the curve
+  i = int(np.argmax(diff <= 0))
+  if i == 0 or diff[i] == 0:
+    return float(p_real * fpr[i] + (1.0 - p_real) * fnr[i])
+  t = diff[i - 1] / (diff[i - 1] - diff[i])
+  x = fpr[i - 1] + t * (fpr[i] - fpr[i - 1])
+  y = fnr[i - 1] + t * (fnr[i] - fnr[i - 1])
+  return float(p_real * x + (1.0 - p_real) * y)
+
+
+def max_error_rate(sets: dict[str, tuple[np.ndarray, np.ndarray]], p_real: float = 0.5) -> float:
+  """M_EER (GM-DF, Sec. 4.1): the largest ``prior_error_rate`` over the test sets (name ->
+  (labels, scores)). A set with one class has no EER: NaN, and the result is NaN."""
+  rates = []
+  for name, (labels, scores) in sets.items():
+    labels = np.asarray(labels)
+    both = labels.size > 0 and labels.min() != labels.max()
+    if not both:
+      warnings.warn(f"M_EER: test set {name!r} holds one class, so M_EER is NaN", stacklevel=2)
+    rates.append(prior_error_rate(labels, scores, p_real) if both else np.nan)
+  if not rates:
+    raise ValueError("M_EER needs at least one test set")
+  return float(np.max(rates))
 
 
 def binary_metrics(labels: Sequence[int], scores: Sequence[float]) -> dict[str, float]:

@@ -75,3 +75,34 @@ def test_bootstrap_interval_contains_the_auc():
   lo, hi = metrics.bootstrap_auc(y, s, samples=200)
   auc = metrics.binary_metrics(y, s)["auc"]
   assert lo < auc < hi and hi - lo < 0.3
+
+
+def test_prior_error_rate_on_known_far_frr_curves():
+  """Reals uniform on [0, 1), fakes uniform on [0.5, 1.5): FRR(t) = 1 - t, FAR(t) = t - 0.5, so
+  P FRR = (1 - P) FAR at t* = 0.5 + P / 2 and EER_P = P (1 - P); P = 0.5 is the EER (0.25).
+  (EER_P is not monotone in P: here it peaks at P = 0.5.)"""
+  n = 2000
+  reals = np.arange(n) / n
+  fakes = 0.5 + np.arange(n) / n
+  labels = np.r_[np.zeros(n), np.ones(n)]
+  scores = np.r_[reals, fakes]
+  for p in (0.2, 0.5, 0.7, 0.9):
+    assert metrics.prior_error_rate(labels, scores, p) == pytest.approx(p * (1 - p), abs=1e-3)
+  eer, _ = metrics.equal_error_rate(labels, scores)
+  assert metrics.prior_error_rate(labels, scores, 0.5) == pytest.approx(eer, abs=1e-12)
+  with pytest.raises(ValueError, match="p_real"):
+    metrics.prior_error_rate(labels, scores, 1.0)
+
+
+def test_max_error_rate_is_the_worst_test_set():
+  rng = np.random.default_rng(0)
+  sets = {}
+  for name, shift in (("easy", 2.0), ("hard", 0.3)):
+    labels = np.r_[np.zeros(300), np.ones(300)]
+    sets[name] = (labels, rng.normal(size=600) + shift * labels)
+  eers = {k: metrics.equal_error_rate(*v)[0] for k, v in sets.items()}
+  assert eers["hard"] > eers["easy"]
+  assert metrics.max_error_rate(sets) == pytest.approx(eers["hard"], abs=1e-12)
+  one_class = {"reals": (np.zeros(5), rng.random(5))}
+  with pytest.warns(UserWarning, match="'reals' holds one class"):
+    assert np.isnan(metrics.max_error_rate(sets | one_class))
