@@ -21,6 +21,10 @@ each reported as a ratio to O+S (ERM, one backward pass per step):
   roga fo       RoGA ``first_order`` (SAGM-style, no Hessian-vector product): 2 passes
   roga sg       RoGA ``stopgrad_target``: a gradient, then one forward-over-reverse HVP
   roga exact    RoGA ``exact``: a linearised gradient, one HVP at theta + eps, one linear map
+  gr a=1        GR with the PIM on both streams, alpha = 1 (Algorithm 1): a first pass for
+                grad_Delta only, then the perturbed pass's weight gradient
+  gr a=0.5      GR, alpha = 0.5: the first pass also keeps its weight gradient g1 (Eq. 12)
+  dualflat      DualFlat (Eq. 14, alpha 0.4, beta 0.1): GR plus a third, SAM pass in weights
 
 Both frameworks run the same architecture (``Detector``: uint8 input normalised inside the model
 with the variant's mean/std, backbone, phi of ``--proj`` units, one logit) from random weights,
@@ -243,7 +247,9 @@ def main() -> None:
   parser.add_argument("--no-torch", action="store_true", help="only csdfd vs O+S")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
-  parser.add_argument("--peers", action="store_true", help="add sam and roga rows")
+  parser.add_argument(
+    "--peers", action="store_true", help="add the sam, roga, gr and dualflat rows"
+  )
   args = parser.parse_args()
   if args.batch < 2 or args.batch % 2:
     raise SystemExit("--batch must be even (half real, half fake per stream)")
@@ -269,6 +275,9 @@ def main() -> None:
     "roga fo": ("roga", {"roga.mode": "first_order"}),
     "roga sg": ("roga", {"roga.mode": "stopgrad_target"}),
     "roga exact": ("roga", {"roga.mode": "exact"}),
+    "gr a=1": ("gr", {"gr.streams": "o,s", "gr.alpha": 1.0}),
+    "gr a=0.5": ("gr", {"gr.streams": "o,s", "gr.alpha": 0.5}),
+    "dualflat": ("dualflat", {"gr.streams": "o,s", "dualflat.alpha": 0.4, "dualflat.beta": 0.1}),
   }
   for name, (method, overrides) in peers.items() if args.peers else ():
     start = time.perf_counter()

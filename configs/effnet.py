@@ -76,8 +76,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.gr.alpha = 1.0  # Eq. 12: (1 - alpha) L + alpha L(f')
   config.gr.sites = ""  # module paths under the backbone; "" = the family's first stage
   config.gr.delta = "shared"  # "shared" over the batch (Sec. III-D) or "per_sample"
-  config.gr.beta = 0.0  # dualflat only (Eq. 14): weight of the SAM term
-  config.gr.r_sam = 0.05  # dualflat only: r' of the SAM term
+  # DualFlat (Eq. 14): its own weights; it shares gr's streams, r, sites and delta. Table VIII's
+  # best row that keeps both terms.
+  config.dualflat = ml_collections.ConfigDict()
+  config.dualflat.alpha = 0.4  # weight of the PIM term L(f')
+  config.dualflat.beta = 0.1  # weight of the SAM term L(theta + r' g / ||g||)
+  config.dualflat.r_sam = 0.05  # r'
 
   config.data = ml_collections.ConfigDict()
   config.data.demo = False

@@ -61,5 +61,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.gr.alpha = 1.0
   config.gr.sites = ""  # the family's default: after the first stage
   if "dualflat" in variants:
-    config.gr.alpha, config.gr.beta, config.gr.r_sam = 0.4, 0.1, 0.05
+    config.dualflat.alpha, config.dualflat.beta, config.dualflat.r_sam = 0.4, 0.1, 0.05
   return config

@@ -88,7 +88,7 @@ def test_roga_protocols_declare_their_domains():
 def test_gr_variants():
   assert gr.get_config().method == "gr" and gr.get_config("sbi").gr.streams == "s"
   flat = gr.get_config("dualflat")
-  assert flat.method == "dualflat" and (flat.gr.alpha, flat.gr.beta) == (0.4, 0.1)
+  assert flat.method == "dualflat" and (flat.dualflat.alpha, flat.dualflat.beta) == (0.4, 0.1)
   assert gr.get_config("effb4").data.image_size == 380
   for bad in ("effb4,resnet50", "demo,xception"):
     with pytest.raises(ValueError, match="at most one model"):

@@ -330,7 +330,7 @@ def test_trains_through_the_loop_and_eval_and_predict_read_the_checkpoint(
   config = tiny_config(peer_records, method, steps=2)
   config.train.checkpoint_every = 2
   config.gr.streams = streams
-  config.gr.alpha, config.gr.beta = (1.0, 0.0) if method == "gr" else (0.4, 0.1)
+  config.gr.alpha = 1.0  # gr; dualflat reads config.dualflat (alpha 0.4, beta 0.1)
   rows, predictor = train_eval_predict(config, peer_records, tmp_path)
   for r in rows:
     for s in streams.split(","):
@@ -358,15 +358,18 @@ def test_misconfigurations_are_clear_errors():
   def config(**kw):
     c = gr_configs.get_config("demo")
     for k, v in kw.items():
-      c.gr[k] = v
+      section, key = k.split(".")
+      c[section][key] = v
     return c
 
   cases = [
-    ("gr", dict(delta="each"), "config.gr.delta='each'; valid: shared, per_sample"),
-    ("gr", dict(beta=0.5), "use method 'dualflat'"),
-    ("dualflat", dict(alpha=0.8, beta=0.5), "alpha \\+ beta = 1.3 > 1"),
-    ("gr", dict(r=-1.0), "config.gr.r=-1.0 must be >= 0"),
-    ("gr", dict(streams=""), "config.gr.streams is empty"),
+    ("gr", {"gr.delta": "each"}, "config.gr.delta='each'; valid: shared, per_sample"),
+    ("dualflat", {"dualflat.beta": 0.0}, "use method 'gr'"),
+    ("dualflat", {"dualflat.alpha": 0.8, "dualflat.beta": 0.5}, "alpha \\+ beta = 1.3 > 1"),
+    ("dualflat", {"dualflat.r_sam": -0.1}, "config.dualflat.r_sam=-0.1 must be >= 0"),
+    ("gr", {"gr.r": -1.0}, "config.gr.r=-1.0 must be >= 0"),
+    ("gr", {"gr.alpha": 1.5}, "alpha = 1.5 > 1"),
+    ("gr", {"gr.streams": ""}, "config.gr.streams is empty"),
   ]
   for method, kw, message in cases:
     with pytest.raises(ValueError, match=message):

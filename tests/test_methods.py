@@ -39,7 +39,8 @@ def method_config(c=0.5, tau=0.01):
   cfg.roga = dict(rho=0.1, alpha=0.01, mode="exact", robust=True, clean_weight=0.0, combine="mean")
   # the PIM after ConvBN's BatchNorm
   pim = dict(streams="o,s", r=0.1, alpha=0.5, sites="BatchNorm_0", delta="shared")
-  cfg.gr = pim | dict(beta=0.2, r_sam=0.05)  # the PIM after ConvBN's BatchNorm
+  cfg.gr = pim
+  cfg.dualflat = dict(alpha=0.5, beta=0.2, r_sam=0.05)
   return ml_collections.ConfigDict(cfg)
 
 
@@ -110,8 +111,6 @@ def test_stacked_gradients_equal_separate_per_stream_passes():
 def test_every_method_steps_finitely_and_compiles_once(name):
   model = conv_detector()
   config = method_config()
-  if name == "gr":
-    config.gr.beta = 0.0
   method = methods.get(name, config)
   tx = optax.chain(method.transform, optax.sgd(0.1))
   state = init_state(model, tx)

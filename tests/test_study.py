@@ -248,3 +248,49 @@ def test_diagnostics_keep_method_scalars_and_drop_generic_ones(tmp_path):
   lines = study.diagnostics_lines(table)
   assert lines[2].startswith("| method | loss/o (last) | loss/s (last) | stream_cosine (mean)")
   assert lines[-1] == "| uvs | 2 | 0.7 | -0.2 | 0.25 |"
+
+
+@pytest.mark.slow  # four compiles of the peers' steps: about 5 minutes on 2 loaded cores
+def test_study_runs_every_peer_method(tmp_path):
+  """SAM, RoGA, GR and DualFlat through the study command: one seed each, a few steps, each
+  scored and tabulated, with the method's own scalars in the diagnostics table. (Each peer's
+  own end-to-end test, train + eval + predict, is in the default suite: test_roga, test_gr.)"""
+  peers = ["sam", "roga", "gr", "dualflat"]
+  work = tmp_path / "study"
+  short = [o for o in OVERRIDES if "num_steps" not in o and "_every" not in o] + [
+    "--config.train.num_steps=2",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=2",
+    "--config.train.eval_every=2",
+    "--config.gr.streams=o,s",
+  ]
+  cmd = [
+    sys.executable, "-m", "csdfd_jax.study", "--config=configs/effnet.py:demo",
+    f"--methods={','.join(peers)}", "--seeds=0", f"--workdir={work}", *short,
+  ]  # fmt: skip
+  done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  table = json.loads((work / "study.json").read_text())
+  assert [r["method"] for r in table["rows"]] == peers
+  for row in table["rows"]:
+    results = json.loads(
+      (work / "runs" / f"{row['method']}_seed0" / "eval" / "results.json").read_text()
+    )
+    assert results["runs"][0]["method"] == row["method"] and results["runs"][0]["step"] == 2
+    auc = 100 * results["runs"][0]["sets"]["demo"]["video"]["auc"]
+    assert row["cells"]["demo"]["seeds"] == pytest.approx([auc])
+  diagnostics = {r["method"]: r["diagnostics"] for r in table["rows"]}
+  own = {
+    "sam": ["sam/eps_norm", "loss/perturbed/s"],
+    "roga": ["roga/align/o", "roga/cos/s", "loss/perturbed/o"],
+    "gr": ["pim/sensitivity/o", "pim/loss_gap/s"],
+    "dualflat": ["pim/sensitivity/s", "pim/loss_sam_gap/o"],
+  }
+  for method, keys in own.items():
+    for key in keys:
+      assert np.isfinite(diagnostics[method][key]["mean"]), (method, key, diagnostics[method])
+  # SAM's eps and RoGA's per-domain eps have the configured norm (0.05 and 0.1).
+  assert diagnostics["sam"]["sam/eps_norm"]["mean"] == pytest.approx(0.05, rel=1e-3)
+  assert diagnostics["roga"]["roga/eps_norm/o"]["mean"] == pytest.approx(0.1, rel=1e-3)
+  md = (work / "study.md").read_text()
+  assert "roga/align/o (mean)" in md and "pim/sensitivity/o (mean)" in md

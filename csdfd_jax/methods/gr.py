@@ -285,7 +285,9 @@ def default_sites(family: str) -> tuple[str, ...]:
 
 
 def build(name: str, config) -> Method:
-  """``gr`` (beta = 0) or ``dualflat`` over ``config.gr.streams``."""
+  """``gr`` (``config.gr.alpha``) or ``dualflat`` (``config.dualflat.{alpha, beta, r_sam}``)
+  over ``config.gr.streams``, with ``config.gr``'s r, sites and delta for both. DualFlat keeps its
+  weights in its own section so that a study can run gr and dualflat side by side."""
   g = config.gr
   streams = tuple(s.strip() for s in g.streams.split(",") if s.strip())
   if not streams:
@@ -294,15 +296,28 @@ def build(name: str, config) -> Method:
   sites = sites or default_sites(config.model.name)
   if g.delta not in DELTA:
     raise ValueError(f"config.gr.delta={g.delta!r}; valid: {', '.join(DELTA)}")
-  alpha, beta = float(g.alpha), float(g.beta) if name == "dualflat" else 0.0
-  if name == "gr" and float(g.beta):
-    raise ValueError("config.gr.beta is DualFlat's weight: use method 'dualflat'")
-  for key, value in (("r", g.r), ("r_sam", g.r_sam), ("alpha", alpha), ("beta", beta)):
+  if name == "dualflat":
+    d = config.dualflat
+    alpha, beta, r_sam = float(d.alpha), float(d.beta), float(d.r_sam)
+    checks = (
+      ("gr.r", g.r),
+      ("dualflat.alpha", alpha),
+      ("dualflat.beta", beta),
+      ("dualflat.r_sam", r_sam),
+    )
+    if beta == 0.0:
+      raise ValueError("config.dualflat.beta = 0 is GR without the SAM term: use method 'gr'")
+  else:
+    alpha, beta, r_sam = float(g.alpha), 0.0, 0.0
+    checks = (("gr.r", g.r), ("gr.alpha", alpha))
+  for key, value in checks:
     if float(value) < 0:
-      raise ValueError(f"config.gr.{key}={value} must be >= 0")
+      raise ValueError(f"config.{key}={value} must be >= 0")
+  if alpha > 1.0 + 1e-9:
+    raise ValueError(f"alpha = {alpha} > 1 (Eq. 12 weights)")
   if alpha + beta > 1.0 + 1e-9:
-    raise ValueError(f"config.gr.alpha + beta = {alpha + beta} > 1 (Eq. 14 weights)")
-  options = dict(r=float(g.r), alpha=alpha, beta=beta, r_sam=float(g.r_sam))
+    raise ValueError(f"config.dualflat.alpha + beta = {alpha + beta} > 1 (Eq. 14 weights)")
+  options = dict(r=float(g.r), alpha=alpha, beta=beta, r_sam=r_sam)
 
   def make(model):
     return pim_gradients(model, streams, sites, delta_mode=g.delta, **options)
