@@ -122,24 +122,27 @@ class _Dual(NamedTuple):
   max_j ||g_j||^2: gh the Gram, b_j = <g_j, g0>, big_c = c ||g0||, q = ||g_wref||^2 and
   r_j = <g_j, g_wref>. With d = w - w_ref, ||g_w||^2 = q + 2 d.r + d'G d and
   g_j . g_w = r_j + (G d)_j: accurate near w_ref even where the Gram's entries cancel,
-  once b, q and r are read from the vectors (w_ref = 0, q = 0, r = 0: the plain Gram)."""
+  once b, q and r are read from the vectors. The plain Gram (w_ref = 0, q = 0, r = 0) has
+  w_ref, q and r None, which the face solve uses to skip the centring terms (statically)."""
 
   gh: jax.Array
   b: jax.Array
   big_c: jax.Array
-  w_ref: jax.Array
-  q: jax.Array
-  r: jax.Array
+  w_ref: jax.Array | None
+  q: jax.Array | None
+  r: jax.Array | None
 
 
 def _gram_dual(gh: jax.Array, a: jax.Array, c) -> _Dual:
   b = gh @ a
-  zero = jnp.zeros_like(b)
-  return _Dual(gh, b, c * _safe_sqrt(a @ b), zero, jnp.zeros((), gh.dtype), zero)
+  return _Dual(gh, b, c * _safe_sqrt(a @ b), None, None, None)
 
 
 def _norms_and_rates(dual: _Dual, ws: jax.Array) -> tuple[jax.Array, jax.Array]:
   """||g_w||^2 and g_j . g_w for the rows w of ws."""
+  if dual.w_ref is None:
+    gw = ws @ dual.gh
+    return jnp.sum(ws * gw, axis=-1), gw
   d = ws - dual.w_ref
   gd = d @ dual.gh
   return dual.q + 2.0 * d @ dual.r + jnp.sum(d * gd, axis=-1), dual.r + gd
@@ -148,26 +151,27 @@ def _norms_and_rates(dual: _Dual, ws: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _spd_solve(m: jax.Array, rhs: jax.Array, floor) -> jax.Array:
   """x with m x = rhs for a batch of small symmetric positive definite m ([n, k, k], rhs
   [n, k, r]): Gaussian elimination without pivoting (LDL', which needs no pivoting on SPD
-  matrices), unrolled over the static k. XLA fuses the k^2 row updates into a few loops over
-  the batch, where a batched LAPACK LU is one call per matrix: the whole solve is 2.2-2.7x faster
-  for K = 2-6 than with ``jnp.linalg.solve`` on the bordered system (measured side by side on the
-  Gram matrices of ``bench/solver.py``). Pivots are floored at ``floor`` so that no division is
-  by 0 (nor its gradient) where m is singular to rounding."""
+  matrices), unrolled over the static k, on the rows of [m | rhs] so that each elimination is
+  one row update. XLA fuses the row updates into a few loops over the batch, where a batched
+  LAPACK LU is one call per matrix: for K = 6 (63 faces) the solve is 1.7x faster than with
+  separate updates of m and rhs, and those were 2.2-2.7x faster for K = 2-6 than
+  ``jnp.linalg.solve`` on the bordered system (measured side by side on the Gram matrices of
+  ``bench/solver.py``). Pivots are floored at ``floor`` so that no division is by 0 (nor its
+  gradient) where m is singular to rounding."""
   k = m.shape[-1]
-  rows, right, pivots = [m[:, i, :] for i in range(k)], [rhs[:, i, :] for i in range(k)], []
+  aug = jnp.concatenate([m, rhs.astype(m.dtype)], axis=-1)
+  rows, inverses = [aug[:, i, :] for i in range(k)], []
   for j in range(k):
-    pivot = jnp.maximum(rows[j][:, j], floor)
-    pivots.append(pivot)
+    inverse = 1.0 / jnp.maximum(rows[j][:, j], floor)
+    inverses.append(inverse)
     for i in range(j + 1, k):
-      factor = rows[i][:, j] / pivot
-      rows[i] = rows[i] - factor[:, None] * rows[j]
-      right[i] = right[i] - factor[:, None] * right[j]
+      rows[i] = rows[i] - (rows[i][:, j] * inverse)[:, None] * rows[j]
   x = [None] * k
   for j in reversed(range(k)):
-    acc = right[j]
+    acc = rows[j][:, k:]
     for i in range(j + 1, k):
       acc = acc - rows[j][:, i, None] * x[i]
-    x[j] = acc / pivots[j][:, None]
+    x[j] = acc * inverses[j][:, None]
   return jnp.stack(x, axis=1)
 
 
@@ -188,10 +192,12 @@ def _face_points(dual: _Dual, masks: jax.Array) -> jax.Array:
   gh, b, big_c, w_ref, q, r = dual
   k = masks.shape[1]
   dtype = gh.dtype
-  fix = -w_ref * (1.0 - masks)  # z off the face brings w to 0 there
-  s = 1.0 - masks @ w_ref  # what z adds on the face, so that sum(w) = 1
-  r_f = r + fix @ gh
-  q_f = q + 2.0 * fix @ r + jnp.sum(fix * (fix @ gh), axis=-1)
+  centred = w_ref is None  # the plain Gram: w_ref = 0, fix = 0, s = 1, r_f = 0, q_f = 0
+  if not centred:
+    fix = -w_ref * (1.0 - masks)  # z off the face brings w to 0 there
+    s = 1.0 - masks @ w_ref  # what z adds on the face, so that sum(w) = 1
+    r_f = r + fix @ gh
+    q_f = q + 2.0 * fix @ r + jnp.sum(fix * (fix @ gh), axis=-1)
   outer = masks[:, :, None] * masks[:, None, :]
   # A ridge of a few ulps on the face block keeps M invertible (and its gradient finite) where
   # G_S is exactly singular off 1_S, e.g. duplicate streams: such a face's optimum is also
@@ -200,20 +206,28 @@ def _face_points(dual: _Dual, masks: jax.Array) -> jax.Array:
   eye = jnp.eye(k, dtype=dtype)
   m = (gh + 16 * eps * eye + 1.0) * outer + eye * (1.0 - masks)[:, None, :]
   safe_c = jnp.where(big_c > 0, big_c, 1.0)
-  rhs = jnp.stack([-r_f * masks, -(b / safe_c) * masks, masks], axis=-1)
-  y = _spd_solve(m, rhs, eps * eps)
-  ones_y = jnp.sum(y[:, :, 2], axis=-1)  # 1_S' M^-1 1_S > 0 on a non-empty face
+  columns = [-(b / safe_c) * masks, masks]
+  if not centred:
+    columns.insert(0, -r_f * masks)
+  y = _spd_solve(m, jnp.stack(columns, axis=-1), eps * eps)
+  y0, y1, y2 = (None, *jnp.moveaxis(y, -1, 0)) if centred else jnp.moveaxis(y, -1, 0)
+  ones_y = jnp.sum(y2, axis=-1)  # 1_S' M^-1 1_S > 0 on a non-empty face
   ones_y = jnp.maximum(ones_y, eps * eps)
-  mu0 = (jnp.sum(y[:, :, 0], axis=-1) - s) / ones_y  # mu' of the first column
-  mu1 = jnp.sum(y[:, :, 1], axis=-1) / ones_y  # the second column has s = 0
-  z0 = y[:, :, 0] - mu0[:, None] * y[:, :, 2]
-  z1 = y[:, :, 1] - mu1[:, None] * y[:, :, 2]
-  mu0 = mu0 + s  # mu = mu' + gamma s
-  alpha = q_f + jnp.sum(z0 * r_f, axis=-1) - mu0 * s
+  mu1 = jnp.sum(y1, axis=-1) / ones_y  # the second column has s = 0
+  z1 = y1 - mu1[:, None] * y2
+  if centred:  # the first column is 0 and s = 1: mu' = -1 / ones_y
+    z0 = y2 / ones_y[:, None]
+    alpha = 1.0 / ones_y - 1.0  # q_f + z0.r_f - (mu' + s) s
+  else:
+    mu0 = (jnp.sum(y0, axis=-1) - s) / ones_y  # mu' of the first column
+    z0 = y0 - mu0[:, None] * y2
+    mu0 = mu0 + s  # mu = mu' + gamma s
+    alpha = q_f + jnp.sum(z0 * r_f, axis=-1) - mu0 * s
   beta = jnp.sum(z1 * (z1 @ gh), axis=-1)
   bounded = beta < 1.0  # else F has no minimum inside the face's affine hull
   rho = jnp.where(bounded, _safe_sqrt(alpha / jnp.where(bounded, 1.0 - beta, 1.0)), 0.0)
-  return w_ref + fix + (z0 + rho[:, None] * z1) * masks
+  w = (z0 + rho[:, None] * z1) * masks
+  return w if centred else w_ref + fix + w
 
 
 def _pgd(gh, b, big_c, w0, num_iters, tiny):
@@ -302,7 +316,7 @@ def _solve(dual: _Dual, extra: list[jax.Array], k: int, max_exact_streams: int, 
   and the caller decides what a tiny ||g_w|| means."""
   dtype = dual.gh.dtype
   tiny = jnp.finfo(dtype).eps
-  floor = jnp.where(jnp.any(dual.w_ref != 0), 0.0, tiny)
+  floor = tiny if dual.w_ref is None else jnp.where(jnp.any(dual.w_ref != 0), 0.0, tiny)
   candidates = [jnp.zeros((1, k), dtype), *extra]
   if k <= max_exact_streams:
     candidates.append(_face_points(dual, jnp.asarray(_face_masks(k), dtype)))
