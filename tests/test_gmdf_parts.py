@@ -1,0 +1,99 @@
+"""GM-DF's domain-conditioned parts (csdfd_jax/models/gmdf.py) against NumPy references: DNorm
+(Eq. 2) with a zero code equals LayerNorm with the base affine, the expert aggregation (Eq. 4-5,
+shape fixed), an exactly-zero branch at initialisation, and the inference parameter budget."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from csdfd_jax.models import clip, gmdf
+
+
+def _layer_norm(x, eps=1e-5):
+  mean = x.mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+
+
+def test_dnorm_with_a_zero_code_is_layernorm_with_the_base_affine():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 5, 8)).astype(np.float32) * 3 + 1
+  module = gmdf.DNorm(8, domain_dims=4, init_scale=0.5)
+  params = module.init(jax.random.key(0), x)
+  p = params["params"]
+  got_wild = module.apply(params, x)  # the wildcard: no code
+  got_zero = module.apply(params, x, jnp.zeros((3, 4)))
+  ln = jax.numpy.asarray(
+    clip.layer_norm().apply({"params": {"scale": p["gamma0"], "bias": p["beta0"]}}, x)
+  )
+  np.testing.assert_allclose(got_wild, ln, atol=2e-6)
+  np.testing.assert_allclose(got_zero, ln, atol=2e-6)
+  # A code moves the affine per sample by W c (Eq. 2), broadcast over the tokens.
+  code = rng.normal(size=(3, 4)).astype(np.float32)
+  want = (
+    _layer_norm(x.astype(np.float64))
+    * (np.asarray(p["gamma0"]) + code @ np.asarray(p["w_gamma"]))[:, None]
+    + (np.asarray(p["beta0"]) + code @ np.asarray(p["w_beta"]))[:, None]
+  )
+  np.testing.assert_allclose(module.apply(params, x, code), want, atol=2e-5)
+  with pytest.raises(ValueError, match="domain codes"):
+    module.apply(params, x, jnp.zeros((3, 5)))
+
+
+def test_expert_aggregation_equals_a_numpy_reference():
+  rng = np.random.default_rng(1)
+  experts = rng.normal(size=(2, 7, 3, 16))  # [B, T, N, d]
+  got = np.asarray(gmdf.aggregate_experts(jnp.asarray(experts, jnp.float32)))
+  want = np.zeros((2, 7, 16))
+  for b in range(2):
+    for t in range(7):
+      e = experts[b, t]
+      s = e @ e.T / np.sqrt(16)
+      a = np.exp(s - s.max(1, keepdims=True))
+      a /= a.sum(1, keepdims=True)
+      want[b, t] = (a @ e).mean(0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # One expert: the softmax is 1, the aggregate is that expert.
+  one = experts[:, :, :1]
+  np.testing.assert_allclose(gmdf.aggregate_experts(jnp.asarray(one)), one[:, :, 0], atol=1e-6)
+
+
+def test_the_branch_is_exactly_zero_at_initialisation_and_trainable():
+  rng = np.random.default_rng(2)
+  h = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+  code = jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)
+  branch = gmdf.ExpertBranch(num_experts=3)
+  params = branch.init(jax.random.key(0), h, code)
+  out = branch.apply(params, h, code)
+  assert out.shape == h.shape and np.all(np.asarray(out) == 0.0)
+
+  # The zero init is not a dead end: gamma0 and the domain weights get a gradient at once.
+  def loss(p):
+    return jnp.sum(branch.apply(p, h, code) * h)
+
+  grads = jax.grad(loss)(params)["params"]["dnorm"]
+  for name in ("gamma0", "beta0", "w_gamma", "w_beta"):
+    assert float(jnp.max(jnp.abs(grads[name]))) > 0, name
+
+
+def test_inference_parameters_are_under_one_percent_of_vit_b16_clip():
+  """12 visual blocks x one branch (N = 3 experts, r = 16, k = 16), counted with eval_shape."""
+
+  def count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+  base = jax.eval_shape(
+    lambda: clip.create_clip("vit_b16").init(
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3)), jnp.zeros((1, 77), jnp.int32)
+    )
+  )
+  branch = jax.eval_shape(
+    lambda: gmdf.ExpertBranch(num_experts=3).init(
+      jax.random.key(0), jnp.zeros((1, 197, 768)), jnp.zeros((1, 16))
+    )
+  )
+  added = 12 * count(branch)
+  assert count(base) == 149_620_737
+  assert added / count(base) < 0.01, (added, count(base))
