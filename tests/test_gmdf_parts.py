@@ -97,3 +97,37 @@ def test_inference_parameters_are_under_one_percent_of_vit_b16_clip():
   added = 12 * count(branch)
   assert count(base) == 149_620_737
   assert added / count(base) < 0.01, (added, count(base))
+
+
+def test_the_gmdf_image_tower_equals_clip_exactly_at_initialisation():
+  """Every visual block gets a branch beside its MLP; with the converted CLIP's weights and the
+  branch at its zero initialisation, the image embedding is bitwise CLIP's, for any domain."""
+  from functools import partial
+
+  from flax import traverse_util
+
+  plain = clip.create("tiny")
+  tower = clip.create("tiny", branch=partial(gmdf.ExpertBranch, num_experts=2))
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 32, 3)), jnp.float32)
+  base = plain.init(jax.random.key(0), x)["params"]
+  params = tower.init(jax.random.key(1), x)["params"]
+  flat, flat_base = traverse_util.flatten_dict(params), traverse_util.flatten_dict(base)
+  added = {k for k in flat if k not in flat_base}
+  assert set(flat_base) <= set(flat)
+  assert {k[:3] for k in added} == {
+    ("transformer", f"resblocks_{i}", "branch") for i in range(2)
+  }  # one branch per visual block, nothing else new
+  merged = traverse_util.unflatten_dict(flat | flat_base)
+  want = plain.apply({"params": base}, x)
+  for domain in (None, jnp.asarray(np.random.default_rng(4).normal(size=(2, 16)), jnp.float32)):
+    got = tower.apply({"params": merged}, x, domain=domain)
+    np.testing.assert_array_equal(got, want)
+  # Once the branch moves, the domain code changes the embedding.
+  flat_moved = {
+    k: (v + 0.1 if k[-1] in ("gamma0", "w_gamma") else v)
+    for k, v in traverse_util.flatten_dict(merged).items()
+  }
+  moved = traverse_util.unflatten_dict(flat_moved)
+  a = tower.apply({"params": moved}, x, domain=jnp.zeros((2, 16)))
+  b = tower.apply({"params": moved}, x, domain=jnp.ones((2, 16)))
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-4

@@ -113,21 +113,29 @@ class Mlp(nn.Module):
 
 class ResidualAttentionBlock(nn.Module):
   """Pre-norm block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); ``norm(dtype=, name=)`` builds
-  ``ln_1`` and ``ln_2``."""
+  ``ln_1`` and ``ln_2``. ``branch(dtype=, name=)``, when given, builds a module added beside the
+  MLP on the same input, ``x + mlp(h) + branch(h, domain)`` with h = ln_2(x) (GM-DF's expert
+  branch, ``csdfd_jax.models.gmdf``; ``domain`` is the per-sample code it is conditioned on)."""
 
   num_heads: int
   mlp_ratio: float = 4.0
   quick_gelu: bool = True
   norm: Callable[..., nn.Module] = layer_norm
   dtype: Any = jnp.float32
+  branch: Callable[..., nn.Module] | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, causal: bool = False) -> jnp.ndarray:
+  def __call__(
+    self, x: jnp.ndarray, *, causal: bool = False, domain: jnp.ndarray | None = None
+  ) -> jnp.ndarray:
     y = self.norm(dtype=self.dtype, name="ln_1")(x)
     x = x + Attention(self.num_heads, self.dtype, name="attn")(y, causal=causal)
     y = self.norm(dtype=self.dtype, name="ln_2")(x)
     hidden = int(x.shape[-1] * self.mlp_ratio)
-    return x + Mlp(hidden, self.quick_gelu, self.dtype, name="mlp")(y)
+    out = x + Mlp(hidden, self.quick_gelu, self.dtype, name="mlp")(y)
+    if self.branch is not None:
+      out = out + self.branch(dtype=self.dtype, name="branch")(y, domain)
+    return out
 
 
 class Transformer(nn.Module):
@@ -140,10 +148,16 @@ class Transformer(nn.Module):
   quick_gelu: bool = True
   norm: Callable[..., nn.Module] = layer_norm
   dtype: Any = jnp.float32
+  branch: Callable[..., nn.Module] | None = None
 
   @nn.compact
   def __call__(
-    self, x: jnp.ndarray, *, causal: bool = False, return_layers: Sequence[int] = ()
+    self,
+    x: jnp.ndarray,
+    *,
+    causal: bool = False,
+    return_layers: Sequence[int] = (),
+    domain: jnp.ndarray | None = None,
   ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
     bad = [i for i in return_layers if not 0 <= i < self.layers]
     if bad:
@@ -151,9 +165,15 @@ class Transformer(nn.Module):
     kept = {}
     for i in range(self.layers):
       block = ResidualAttentionBlock(
-        self.heads, self.mlp_ratio, self.quick_gelu, self.norm, self.dtype, name=f"resblocks_{i}"
+        self.heads,
+        self.mlp_ratio,
+        self.quick_gelu,
+        self.norm,
+        self.dtype,
+        self.branch,
+        name=f"resblocks_{i}",
       )
-      x = block(x, causal=causal)
+      x = block(x, causal=causal, domain=domain)
       kept[i] = x
     return x, tuple(kept[i] for i in return_layers)
 
@@ -163,7 +183,9 @@ class VisionTransformer(nn.Module):
   embedding [B, embed_dim], or the ``ln_post`` class token [B, width] with ``project=False``
   (``proj`` exists either way, so one checkpoint serves both). With ``return_layers`` it
   returns ``(output, tokens after those blocks)``. Sows ``features`` (the last block's tokens)
-  into "intermediates". ``train`` is the backbone interface's flag; CLIP has no dropout."""
+  into "intermediates". ``train`` is the backbone interface's flag; CLIP has no dropout.
+  ``branch`` adds a module beside every block's MLP (``ResidualAttentionBlock``), conditioned on
+  ``domain`` [B, k] (None: the wildcard, as eval and predict call it)."""
 
   image_size: int
   patch_size: int
@@ -176,10 +198,16 @@ class VisionTransformer(nn.Module):
   project: bool = True
   norm: Callable[..., nn.Module] = layer_norm
   dtype: Any = jnp.float32
+  branch: Callable[..., nn.Module] | None = None
 
   @nn.compact
   def __call__(
-    self, x: jnp.ndarray, *, train: bool = False, return_layers: Sequence[int] = ()
+    self,
+    x: jnp.ndarray,
+    *,
+    train: bool = False,
+    return_layers: Sequence[int] = (),
+    domain: jnp.ndarray | None = None,
   ) -> jnp.ndarray | tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
     p, w, grid = self.patch_size, self.width, self.image_size // self.patch_size
     h, wd = x.shape[1:3]
@@ -200,7 +228,7 @@ class VisionTransformer(nn.Module):
     cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, w))
     x = jnp.concatenate([cls, x.reshape(b, gh * gw, w)], axis=1) + pos
     x = layer_norm(dtype=self.dtype, name="ln_pre")(x)
-    x, layers = _trunk(self)(x, return_layers=return_layers)
+    x, layers = _trunk(self)(x, return_layers=return_layers, domain=domain)
     self.sow("intermediates", "features", x)
     x = layer_norm(dtype=self.dtype, name="ln_post")(x[:, 0])
     proj = self.param("proj", init, (w, self.embed_dim), jnp.float32)
@@ -268,6 +296,7 @@ def _trunk(tower: nn.Module) -> Transformer:
     tower.quick_gelu,
     tower.norm,
     tower.dtype,
+    getattr(tower, "branch", None),
     name="transformer",
   )
 
