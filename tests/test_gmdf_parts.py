@@ -131,3 +131,50 @@ def test_the_gmdf_image_tower_equals_clip_exactly_at_initialisation():
   a = tower.apply({"params": moved}, x, domain=jnp.zeros((2, 16)))
   b = tower.apply({"params": moved}, x, domain=jnp.ones((2, 16)))
   assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+
+
+def test_the_prompt_template_and_its_slots():
+  from csdfd_jax.models import clip_tokenizer
+
+  tok = clip_tokenizer.Tokenizer()
+  ids, slots = gmdf.template_ids(tok)
+  # SOT a X Y face showing for.gery clues EOT: "forgery" is two BPE tokens, 10 in all.
+  assert int(jnp.sum(ids != 0)) == 10 and int(ids[0]) == tok.sot_token_id
+  assert slots == (2, 3) and int(jnp.argmax(ids)) == 9  # EOT pooling position
+  rng = np.random.default_rng(5)
+  table = jnp.asarray(rng.normal(size=(49408, 8)), jnp.float32)
+  dom, cls = jnp.asarray(rng.normal(size=(3, 8))), jnp.asarray(rng.normal(size=(2, 8)))
+  emb = gmdf.prompt_embeddings(table, ids, slots, dom, cls)
+  assert emb.shape == (3, 2, 77, 8)
+  for j in range(3):
+    for k in range(2):
+      want = np.asarray(table)[np.asarray(ids)]
+      want[2], want[3] = dom[j], cls[k]
+      np.testing.assert_allclose(emb[j, k], want, atol=1e-6)
+
+
+def test_temperatures_and_the_sis_loss_equal_numpy():
+  rng = np.random.default_rng(6)
+  n_dom, b, d = 3, 7, 5  # D = 2 domains + the wildcard
+  dom = rng.normal(size=(n_dom, 4))
+  taus = np.asarray(gmdf.temperatures(jnp.asarray(dom), 0.07, 0.01))
+  np.testing.assert_allclose(taus, 0.07 + 0.01 * np.linalg.norm(dom, axis=1), rtol=1e-6)
+  v, u = rng.normal(size=(b, d)), rng.normal(size=(n_dom, 2, d))
+  ids, labels = rng.integers(0, n_dom, b), rng.integers(0, 2, b)
+  vn = v / np.linalg.norm(v, axis=1, keepdims=True)
+  un = u / np.linalg.norm(u, axis=2, keepdims=True)
+  paper, extra = [], []
+  for i in range(b):
+    logits = np.array([[vn[i] @ un[j, k] for k in range(2)] for j in range(n_dom)]).ravel()
+    logits = logits / taus[ids[i]]
+    logp = logits - np.log(np.sum(np.exp(logits)))
+    paper.append(-logp[2 * ids[i] + labels[i]])
+    wild = logits[:2] - np.log(np.sum(np.exp(logits[:2])))
+    extra.append(-wild[labels[i]])
+  args = (jnp.asarray(v), jnp.asarray(u), jnp.asarray(ids), jnp.asarray(labels), jnp.asarray(taus))
+  got = gmdf.sis_loss(*args, variant="paper")
+  assert float(got) == pytest.approx(np.mean(paper), rel=1e-5)
+  got = gmdf.sis_loss(*args, variant="paper+wildcard")
+  assert float(got) == pytest.approx(np.mean(paper) + np.mean(extra), rel=1e-5)
+  with pytest.raises(ValueError, match="sis variant"):
+    gmdf.sis_loss(*args, variant="other")

@@ -100,3 +100,80 @@ class ExpertBranch(nn.Module):
       outs.append(nn.Dense(d, dtype=self.dtype, name=f"expert_{i}_up")(quick_gelu(z)))
     agg = aggregate_experts(jnp.stack(outs, axis=-2))
     return DNorm(d, self.domain_dims, dtype=self.dtype, name="dnorm")(agg, domain)
+
+
+# ----------------------------------------------------------------------------- prompts (Eq. 9-11)
+
+TEMPLATE = "a X Y face showing forgery clues"  # X: the domain slot, Y: the class slot (Eq. 9)
+
+
+def template_ids(tokenizer, context_length: int = 77) -> tuple[jnp.ndarray, tuple[int, int]]:
+  """The template's token ids [context_length] (SOT a X Y face showing for gery clues EOT, then
+  zeros) and the positions of the two slots whose embeddings the learned e_dom and e_cls
+  replace. ``tokenizer``: ``csdfd_jax.models.clip_tokenizer.Tokenizer``."""
+  ids = tokenizer([TEMPLATE], context_length=context_length)[0]
+  pieces = tokenizer.encode(TEMPLATE)
+  (x,), (y,) = tokenizer.encode("x"), tokenizer.encode("y")
+  slot_x, slot_y = 1 + pieces.index(x), 1 + pieces.index(y)  # + 1: the start token
+  return jnp.asarray(ids), (slot_x, slot_y)
+
+
+def prompt_embeddings(
+  token_table: jnp.ndarray,
+  ids: jnp.ndarray,
+  slots: tuple[int, int],
+  domain_embeds: jnp.ndarray,
+  class_embeds: jnp.ndarray,
+) -> jnp.ndarray:
+  """Token embeddings [D + 1, 2, L, width] of every (domain, class) prompt: the template's
+  looked-up embeddings with slot X set to ``domain_embeds[j]`` (row 0: the wildcard) and slot Y
+  to ``class_embeds[k]`` (0 real, 1 fake). Feed a row to the text tower as ``token_embeds`` with
+  the template ids (which mark the end-of-text position)."""
+  base = token_table[ids]  # [L, width]
+  n_dom, width = domain_embeds.shape
+  out = jnp.broadcast_to(base, (n_dom, 2, *base.shape))
+  out = out.at[:, :, slots[0]].set(jnp.broadcast_to(domain_embeds[:, None], (n_dom, 2, width)))
+  return out.at[:, :, slots[1]].set(jnp.broadcast_to(class_embeds[None], (n_dom, 2, width)))
+
+
+def temperatures(domain_embeds: jnp.ndarray, tau_base: float = 0.07, phi: float = 0.01):
+  """Eq. 10: tau_d = tau_base + phi ||e_dom^d||, per domain row (0: the wildcard). The paper
+  gives neither value; 0.07 is CLIP's initial temperature and phi = 0.01 our choice."""
+  return tau_base + phi * jnp.linalg.norm(domain_embeds.astype(jnp.float32), axis=-1)
+
+
+SIS = ("paper", "paper+wildcard")
+
+
+def sis_loss(
+  image_embeds: jnp.ndarray,
+  text_embeds: jnp.ndarray,
+  domain_ids: jnp.ndarray,
+  labels: jnp.ndarray,
+  taus: jnp.ndarray,
+  variant: str = "paper+wildcard",
+) -> jnp.ndarray:
+  """L_sis (Eq. 11), the mean over the batch.
+
+  ``image_embeds`` [B, d], ``text_embeds`` [D + 1, 2, d] (the (domain, class) prompts, row 0 the
+  wildcard), ``domain_ids`` [B] in 0..D, ``labels`` [B] (1 = fake), ``taus`` [D + 1]. Each
+  sample's logits are the cosines to all 2(D + 1) prompts over its own domain's tau; "paper" is
+  the cross-entropy with target (d_i, c_i) over all of them, as Eq. 11 writes it (the paper's
+  epsilon in the denominator is dropped: it changes nothing but the value at 0). That makes the
+  same-class wildcard prompt a negative of every domain-specific target, against the paper's
+  aim of a domain-invariant wildcard, so "paper+wildcard" (the default) adds the 2-way
+  cross-entropy over the wildcard pair with target (0, c_i)."""
+  if variant not in SIS:
+    raise ValueError(f"sis variant must be one of {SIS}, got {variant!r}")
+  n_dom = text_embeds.shape[0]
+  v = image_embeds / jnp.linalg.norm(image_embeds, axis=-1, keepdims=True)
+  u = text_embeds / jnp.linalg.norm(text_embeds, axis=-1, keepdims=True)
+  tau = taus[domain_ids][:, None]
+  logits = jnp.einsum("bd,jkd->bjk", v, u).reshape(v.shape[0], 2 * n_dom) / tau
+  target = domain_ids * 2 + labels
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  loss = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
+  if variant == "paper+wildcard":
+    wild = jax.nn.log_softmax(logits[:, :2], axis=-1)
+    loss = loss - jnp.take_along_axis(wild, labels[:, None], axis=-1)[:, 0]
+  return jnp.mean(loss)
