@@ -178,3 +178,88 @@ def test_temperatures_and_the_sis_loss_equal_numpy():
   assert float(got) == pytest.approx(np.mean(paper) + np.mean(extra), rel=1e-5)
   with pytest.raises(ValueError, match="sis variant"):
     gmdf.sis_loss(*args, variant="other")
+
+
+def _tiny_tower(layers=4):
+  cfg = clip.VARIANTS["tiny"]
+  vision = dict(cfg["vision"], layers=layers)
+  return clip.VisionTransformer(**vision, embed_dim=cfg["embed_dim"])
+
+
+def _run_with_intermediates(tower, seed=8):
+  x = jnp.asarray(np.random.default_rng(seed).normal(size=(2, 32, 32, 3)), jnp.float32)
+  params = tower.init(jax.random.key(seed), x)["params"]
+  # Biases and LayerNorm affines away from their init, so that no term hides behind a 0 or 1.
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  params = jax.tree.unflatten(
+    treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+  )
+  (_, tokens), state = tower.apply(
+    {"params": params}, x, return_layers=tuple(range(tower.layers)), mutable=["intermediates"]
+  )
+  return x, params, tokens, state["intermediates"]
+
+
+def test_the_sown_attention_weights_rebuild_the_class_token_output():
+  """cls_attn, ln1_std and the q/k/v column layout: the first token's attention output of every
+  block, recomputed from them with the block's weights and biases, is the block's own."""
+  tower = _tiny_tower()
+  _, params, tokens, inter = _run_with_intermediates(tower)
+  heads, d = tower.heads, tower.width
+  dh = d // heads
+  # The residual entering block b > 0 is block b - 1's output (``return_layers``).
+  for b in range(tower.layers):
+    blk = inter["transformer"][f"resblocks_{b}"]
+    p = params["transformer"][f"resblocks_{b}"]
+    a = np.asarray(blk["attn"]["cls_attn"][0], np.float64)  # [B, H, T]
+    np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5)
+    if b == 0:
+      continue
+    res = np.asarray(tokens[b - 1], np.float64)  # [B, T, d]
+    sigma = np.sqrt(res.var(-1) + 1e-5)
+    np.testing.assert_allclose(blk["ln1_std"][0], sigma, rtol=1e-5)
+    y = (res - res.mean(-1, keepdims=True)) / sigma[..., None]
+    y = y * np.asarray(p["ln_1"]["scale"]) + np.asarray(p["ln_1"]["bias"])
+    kernel, bias = (
+      np.asarray(p["attn"]["in_proj"]["kernel"]),
+      np.asarray(p["attn"]["in_proj"]["bias"]),
+    )
+    v = (y @ kernel[:, 2 * d :] + bias[2 * d :]).reshape(*y.shape[:2], heads, dh)
+    mixed = np.einsum("bht,bthe->bhe", a, v).reshape(-1, d)
+    w_o, b_o = (
+      np.asarray(p["attn"]["out_proj"]["kernel"]),
+      np.asarray(p["attn"]["out_proj"]["bias"]),
+    )
+    np.testing.assert_allclose(mixed @ w_o + b_o, blk["attn"]["cls_out"][0], rtol=1e-4, atol=1e-5)
+
+
+def test_second_order_effects_equal_a_brute_force_loop():
+  tower = _tiny_tower()
+  _, params, _, inter = _run_with_intermediates(tower)
+  heads, d = tower.heads, tower.width
+  dh = d // heads
+  got = gmdf.second_order_effects(params, inter, layers=(0, 1, 2), heads=heads)
+  blocks, pb = inter["transformer"], params["transformer"]
+  for layer in (0, 1, 2):
+    m = np.asarray(blocks[f"resblocks_{layer}"]["mlp_out"][0], np.float64)
+    n_batch, n_tok, _ = m.shape
+    want = np.zeros((n_batch, d))
+    for later in range(layer + 1, tower.layers):
+      p = pb[f"resblocks_{later}"]
+      gamma = np.asarray(p["ln_1"]["scale"], np.float64)
+      sigma = np.asarray(blocks[f"resblocks_{later}"]["ln1_std"][0], np.float64)
+      a = np.asarray(blocks[f"resblocks_{later}"]["attn"]["cls_attn"][0], np.float64)
+      kernel = np.asarray(p["attn"]["in_proj"]["kernel"], np.float64)
+      w_o = np.asarray(p["attn"]["out_proj"]["kernel"], np.float64)
+      for bi in range(n_batch):
+        for h in range(heads):
+          w_v = kernel[:, 2 * d + h * dh : 2 * d + (h + 1) * dh]  # [d, dh]
+          acc = np.zeros(dh)
+          for i in range(n_tok):
+            c = gamma * (m[bi, i] - m[bi, i].mean()) / sigma[bi, i]
+            acc += a[bi, h, i] * (c @ w_v)
+          want[bi] += acc @ w_o[h * dh : (h + 1) * dh]
+    np.testing.assert_allclose(got[layer], want, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="needs a later block"):
+    gmdf.second_order_effects(params, inter, layers=(3,), heads=heads)

@@ -81,7 +81,9 @@ def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
 
 class Attention(nn.Module):
   """Multi-head self-attention, torch ``nn.MultiheadAttention`` layout: one ``in_proj`` whose
-  output columns are q, k, v (each heads x head_dim), then ``out_proj``."""
+  output columns are q, k, v (each heads x head_dim), then ``out_proj``. When "intermediates" is
+  mutable it sows ``cls_attn`` [B, heads, N] (the first token's attention weights) and
+  ``cls_out`` [B, d] (the output at the first token), for GM-DF's second-order term."""
 
   num_heads: int
   dtype: Any = jnp.float32
@@ -94,7 +96,12 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * d, dtype=self.dtype, name="in_proj")(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-    return nn.Dense(d, dtype=self.dtype, name="out_proj")(out.reshape(b, n, d))
+    out = nn.Dense(d, dtype=self.dtype, name="out_proj")(out.reshape(b, n, d))
+    if self.is_mutable_collection("intermediates"):
+      scores = jnp.einsum("bhe,bnhe->bhn", q[:, 0], k) / math.sqrt(d // self.num_heads)
+      self.sow("intermediates", "cls_attn", jax.nn.softmax(scores.astype(jnp.float32), axis=-1))
+      self.sow("intermediates", "cls_out", out[:, 0])
+    return out
 
 
 class Mlp(nn.Module):
@@ -128,11 +135,16 @@ class ResidualAttentionBlock(nn.Module):
   def __call__(
     self, x: jnp.ndarray, *, causal: bool = False, domain: jnp.ndarray | None = None
   ) -> jnp.ndarray:
+    if self.is_mutable_collection("intermediates"):  # ln_1's statistic, for GM-DF's Eq. 7
+      x32 = x.astype(jnp.float32)
+      self.sow("intermediates", "ln1_std", jnp.sqrt(jnp.var(x32, axis=-1) + 1e-5))
     y = self.norm(dtype=self.dtype, name="ln_1")(x)
     x = x + Attention(self.num_heads, self.dtype, name="attn")(y, causal=causal)
     y = self.norm(dtype=self.dtype, name="ln_2")(x)
     hidden = int(x.shape[-1] * self.mlp_ratio)
-    out = x + Mlp(hidden, self.quick_gelu, self.dtype, name="mlp")(y)
+    mlp = Mlp(hidden, self.quick_gelu, self.dtype, name="mlp")(y)
+    self.sow("intermediates", "mlp_out", mlp)
+    out = x + mlp
     if self.branch is not None:
       out = out + self.branch(dtype=self.dtype, name="branch")(y, domain)
     return out

@@ -177,3 +177,47 @@ def sis_loss(
     wild = jax.nn.log_softmax(logits[:, :2], axis=-1)
     loss = loss - jnp.take_along_axis(wild, labels[:, None], axis=-1)[:, 0]
   return jnp.mean(loss)
+
+
+# ----------------------------------------------------------------------------- Eq. 7-8
+
+
+def second_order_effects(
+  params: dict, intermediates: dict, layers: tuple[int, ...], heads: int
+) -> dict[int, jnp.ndarray]:
+  """Eq. 7, after Gandelsman et al. (ICLR 2024, "second-order effects of neurons"): for each
+  (zero-indexed) block l in ``layers``, the part of the class token that block l's MLP output
+  reaches through the attention of every later block l' > l, with the attention pattern and
+  ln_1's per-token std frozen at the forward pass (so the path is linear in the MLP output):
+
+      Delta_l = sum_{l' > l} sum_h W_O^h sum_i a^{l'}_{h, cls, i} (c_i W_V^h),
+      c_i = gamma_{l'} (m_i - mean(m_i)) / sigma_{l', i},
+
+  m_i the MLP output of block l at token i, gamma_{l'} ln_1's scale, sigma_{l', i} ln_1's std
+  of the residual at l'; no biases (they do not depend on m). ``params``: the image tower's
+  parameters; ``intermediates``: its "intermediates" collection from one forward pass
+  (``mutable=["intermediates"]``). GM-DF's layers 8-10 (1-indexed) are blocks 7, 8, 9. Returns
+  {l: [B, width]}."""
+  blocks = intermediates["transformer"]
+  p_blocks = params["transformer"]
+  num_blocks = len([k for k in p_blocks if k.startswith("resblocks_")])
+  out = {}
+  for block in layers:
+    if not 0 <= block < num_blocks - 1:
+      raise ValueError(f"second-order layer {block}: needs a later block among 0..{num_blocks - 1}")
+    m = blocks[f"resblocks_{block}"]["mlp_out"][0].astype(jnp.float32)  # [B, T, d]
+    centred = m - jnp.mean(m, axis=-1, keepdims=True)
+    total = 0.0
+    for later in range(block + 1, num_blocks):
+      p = p_blocks[f"resblocks_{later}"]
+      d = m.shape[-1]
+      gamma = p["ln_1"]["scale"]
+      sigma = blocks[f"resblocks_{later}"]["ln1_std"][0]  # [B, T]
+      attn = blocks[f"resblocks_{later}"]["attn"]["cls_attn"][0]  # [B, H, T]
+      w_v = p["attn"]["in_proj"]["kernel"][:, 2 * d :].reshape(d, heads, d // heads)
+      w_o = p["attn"]["out_proj"]["kernel"].reshape(heads, d // heads, d)
+      c = gamma * centred / sigma[..., None]
+      pooled = jnp.einsum("bht,btd->bhd", attn, c)  # the CLS-weighted token sum first
+      total = total + jnp.einsum("bhd,dhe,hef->bf", pooled, w_v, w_o)
+    out[block] = total
+  return out
