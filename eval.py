@@ -34,6 +34,9 @@ flags.DEFINE_enum(
   "no_face", None, ["chance", "drop"], "Videos with no face: score 0.5 or drop (default: config's)."
 )
 flags.DEFINE_bool("gradcam", True, "Also draw Grad-CAM grids of sample test faces (Fig. 4).")
+flags.DEFINE_float(
+  "p_real", 0.5, "Prior of GM-DF's EER and M_EER (0.5: the plain equal error rate).", lower_bound=0
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -61,6 +64,7 @@ def main(argv) -> None:
       faces=FLAGS.faces_per_frame,
       no_face=FLAGS.no_face,
       gradcam=FLAGS.gradcam,
+      p_real=FLAGS.p_real,
     )
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"eval.py: {e}")
@@ -68,6 +72,8 @@ def main(argv) -> None:
   names = [t.name for t in test_sets]
   print(eval_lib.format_table(runs, names))
   print("".join(f"\n  {n}" for n in eval_lib.footnotes(runs, names)))
+  print(f"\nvideo-level EER (%) at P_real = {FLAGS.p_real}; M_EER = the worst target set's:")
+  print(eval_lib.format_table(runs, names, eer=FLAGS.p_real))
   print(f"\nwritten: {', '.join(paths[k] for k in ('md', 'csv', 'tex', 'json'))}")
   print(f"plots:   {', '.join(paths['plots'])}")
 

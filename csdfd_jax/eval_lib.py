@@ -309,6 +309,35 @@ def table_rows(runs: list[dict], names: list[str]) -> tuple[list[str], list[list
   return header, rows
 
 
+def eer_rows(
+  runs: list[dict], names: list[str], p_real: float = 0.5
+) -> tuple[list[str], list[list[str]]]:
+  """Header + rows of GM-DF's metrics (Sec. 4.1): the video-level EER (%) of every set at the
+  prior ``p_real`` (``metrics.prior_error_rate``; 0.5 gives the plain EER), their mean over the
+  target sets and M_EER, the largest over the target sets (over every set when there is only
+  one). A set with one class has no EER (nan)."""
+  header = ["run", "method", *names, "mean (targets)", "M_EER (targets)"]
+  rows = []
+  for r in runs:
+    eers = []
+    for n in names:
+      v = r["sets"][n]["videos"]
+      labels = np.asarray(v["label"])
+      both = labels.size and labels.min() != labels.max()
+      eers.append(100 * metrics.prior_error_rate(labels, v["score"], p_real) if both else np.nan)
+    targets = eers[1:] or eers
+    rows.append(
+      [
+        os.path.basename(os.path.normpath(r["workdir"])),
+        r["method"],
+        *[f"{e:.2f}" for e in eers],
+        f"{np.mean(targets):.2f}",
+        f"{np.max(targets):.2f}",
+      ]
+    )
+  return header, rows
+
+
 def footnotes(runs: list[dict], names: list[str]) -> list[str]:
   """The protocol behind the numbers, one line per choice (the paper leaves them open)."""
   lines = []
@@ -331,15 +360,23 @@ def footnotes(runs: list[dict], names: list[str]) -> list[str]:
   return lines
 
 
-def write_tables(runs: list[dict], names: list[str], out_dir: str) -> dict[str, str]:
+def write_tables(
+  runs: list[dict], names: list[str], out_dir: str, *, p_real: float = 0.5
+) -> dict[str, str]:
   os.makedirs(out_dir, exist_ok=True)
   header, rows = table_rows(runs, names)
+  eer_header, eer = eer_rows(runs, names, p_real)
   notes = footnotes(runs, names)
   paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("md", "csv", "tex", "json")}
   with open(paths["md"], "w") as f:
     f.write("| " + " | ".join(header) + " |\n|" + " --- |" * len(header) + "\n")
     f.writelines("| " + " | ".join(r) + " |\n" for r in rows)
     f.write("\n" + "".join(f"- {n}\n" for n in notes))
+    f.write(
+      f"\nvideo-level EER (%) at P_real = {p_real}, and M_EER (GM-DF's worst target set):\n\n"
+    )
+    f.write("| " + " | ".join(eer_header) + " |\n|" + " --- |" * len(eer_header) + "\n")
+    f.writelines("| " + " | ".join(r) + " |\n" for r in eer)
   with open(paths["csv"], "w", newline="") as f:
     csv.writer(f).writerows([header, *rows])
   with open(paths["tex"], "w") as f:
@@ -349,7 +386,13 @@ def write_tables(runs: list[dict], names: list[str], out_dir: str) -> dict[str, 
     f.write("\\hline\n\\end{tabular}\n")
     f.writelines(f"% {n}\n" for n in notes)
   with open(paths["json"], "w") as f:
-    json.dump({"test_sets": names, "source": names[0], "runs": runs}, f, indent=1, default=_json)
+    eer_table = {"p_real": p_real, "header": eer_header, "rows": eer}
+    json.dump(
+      {"test_sets": names, "source": names[0], "runs": runs, "eer": eer_table},
+      f,
+      indent=1,
+      default=_json,
+    )
   return paths
 
 
@@ -471,6 +514,7 @@ def evaluate(
   faces=None,
   no_face=None,
   gradcam=True,
+  p_real=0.5,
 ):
   runs = [
     score_run(
@@ -485,15 +529,16 @@ def evaluate(
     for w in workdirs
   ]
   names = [t.name for t in test_sets]
-  paths = write_tables(runs, names, out_dir)
+  paths = write_tables(runs, names, out_dir, p_real=p_real)
   paths["plots"] = plot_roc(runs, names, out_dir) + plot_training_curves(workdirs, out_dir)
   if gradcam:
     paths["plots"] += plot_gradcam(workdirs, test_sets, out_dir, which=which)
   return runs, paths
 
 
-def format_table(runs: list[dict], names: list[str]) -> str:
-  header, rows = table_rows(runs, names)
+def format_table(runs: list[dict], names: list[str], *, eer: float | None = None) -> str:
+  """The AUC table as text; with ``eer`` = P_real, the EER / M_EER table instead."""
+  header, rows = table_rows(runs, names) if eer is None else eer_rows(runs, names, eer)
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
   line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
   return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])

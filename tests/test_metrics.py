@@ -106,3 +106,33 @@ def test_max_error_rate_is_the_worst_test_set():
   one_class = {"reals": (np.zeros(5), rng.random(5))}
   with pytest.warns(UserWarning, match="'reals' holds one class"):
     assert np.isnan(metrics.max_error_rate(sets | one_class))
+
+
+def test_eval_eer_table_takes_mean_and_max_over_the_targets():
+  from csdfd_jax import eval_lib
+
+  rng = np.random.default_rng(1)
+  sets = {}
+  for name, shift in (("src", 3.0), ("t1", 1.0), ("t2", 0.2)):
+    labels = np.r_[np.zeros(200), np.ones(200)].astype(int)
+    sets[name] = {
+      "videos": {
+        "label": labels.tolist(),
+        "score": (rng.normal(size=400) + shift * labels).tolist(),
+      }
+    }
+  run = {"workdir": "/x/run", "method": "gmdf", "sets": sets}
+  for p in (0.5, 0.3):
+    header, (row,) = eval_lib.eer_rows([run], ["src", "t1", "t2"], p)
+    assert header == ["run", "method", "src", "t1", "t2", "mean (targets)", "M_EER (targets)"]
+    e = [
+      100 * metrics.prior_error_rate(np.asarray(s["videos"]["label"]), s["videos"]["score"], p)
+      for s in sets.values()
+    ]
+    assert row == [
+      "run",
+      "gmdf",
+      *(f"{x:.2f}" for x in e),
+      f"{np.mean(e[1:]):.2f}",
+      f"{max(e[1:]):.2f}",
+    ]

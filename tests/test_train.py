@@ -128,6 +128,15 @@ def test_every_method_trains_and_eval_reads_its_checkpoint(records, tmp_path, me
   assert "1 videos without a face (1 scored 0.5)" in md
   with open(paths["tex"]) as f:
     assert f"{aucs[0]:.2f} & {aucs[1]:.2f}" in f.read()
+  # GM-DF's EER table (P_real 0.5: the plain video EER) and M_EER over the target sets.
+  from csdfd_jax import metrics
+
+  videos = {n: saved[n]["videos"] for n in ("demo", "demo_unseen")}
+  eers = [100 * metrics.equal_error_rate(v["label"], v["score"])[0] for v in videos.values()]
+  assert f"| {eers[0]:.2f} | {eers[1]:.2f} | {eers[1]:.2f} | {eers[1]:.2f} |" in md
+  with open(paths["json"]) as f:
+    eer_table = json.load(f)["eer"]
+  assert eer_table["p_real"] == 0.5 and eer_table["header"][-1] == "M_EER (targets)"
 
 
 def train_command(workdir, records, *, steps, batch, checkpoint_every, extra=()) -> list[str]:
