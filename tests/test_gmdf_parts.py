@@ -195,30 +195,33 @@ def _run_with_intermediates(tower, seed=8):
   params = jax.tree.unflatten(
     treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
   )
-  (_, tokens), state = tower.apply(
-    {"params": params}, x, return_layers=tuple(range(tower.layers)), mutable=["intermediates"]
+  _, tokens, records = tower.apply(
+    {"params": params}, x, return_layers=tuple(range(tower.layers)), record=True
   )
-  return x, params, tokens, state["intermediates"]
+  return x, params, tokens, records
 
 
-def test_the_sown_attention_weights_rebuild_the_class_token_output():
+def test_the_recorded_attention_weights_rebuild_the_class_token_output():
   """cls_attn, ln1_std and the q/k/v column layout: the first token's attention output of every
-  block, recomputed from them with the block's weights and biases, is the block's own."""
+  block, recomputed from them with the block's weights and biases, is the block's own; and
+  recording changes nothing in the embedding."""
   tower = _tiny_tower()
-  _, params, tokens, inter = _run_with_intermediates(tower)
+  x, params, tokens, inter = _run_with_intermediates(tower)
+  recorded = tower.apply({"params": params}, x, record=True)[0]
+  np.testing.assert_array_equal(recorded, tower.apply({"params": params}, x))
   heads, d = tower.heads, tower.width
   dh = d // heads
   # The residual entering block b > 0 is block b - 1's output (``return_layers``).
   for b in range(tower.layers):
-    blk = inter["transformer"][f"resblocks_{b}"]
+    blk = inter[b]
     p = params["transformer"][f"resblocks_{b}"]
-    a = np.asarray(blk["attn"]["cls_attn"][0], np.float64)  # [B, H, T]
+    a = np.asarray(blk["cls_attn"], np.float64)  # [B, H, T]
     np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5)
     if b == 0:
       continue
     res = np.asarray(tokens[b - 1], np.float64)  # [B, T, d]
     sigma = np.sqrt(res.var(-1) + 1e-5)
-    np.testing.assert_allclose(blk["ln1_std"][0], sigma, rtol=1e-5)
+    np.testing.assert_allclose(blk["ln1_std"], sigma, rtol=1e-5)
     y = (res - res.mean(-1, keepdims=True)) / sigma[..., None]
     y = y * np.asarray(p["ln_1"]["scale"]) + np.asarray(p["ln_1"]["bias"])
     kernel, bias = (
@@ -231,7 +234,7 @@ def test_the_sown_attention_weights_rebuild_the_class_token_output():
       np.asarray(p["attn"]["out_proj"]["kernel"]),
       np.asarray(p["attn"]["out_proj"]["bias"]),
     )
-    np.testing.assert_allclose(mixed @ w_o + b_o, blk["attn"]["cls_out"][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mixed @ w_o + b_o, blk["cls_out"], rtol=1e-4, atol=1e-5)
 
 
 def test_second_order_effects_equal_a_brute_force_loop():
@@ -240,16 +243,16 @@ def test_second_order_effects_equal_a_brute_force_loop():
   heads, d = tower.heads, tower.width
   dh = d // heads
   got = gmdf.second_order_effects(params, inter, layers=(0, 1, 2), heads=heads)
-  blocks, pb = inter["transformer"], params["transformer"]
+  pb = params["transformer"]
   for layer in (0, 1, 2):
-    m = np.asarray(blocks[f"resblocks_{layer}"]["mlp_out"][0], np.float64)
+    m = np.asarray(inter[layer]["mlp_out"], np.float64)
     n_batch, n_tok, _ = m.shape
     want = np.zeros((n_batch, d))
     for later in range(layer + 1, tower.layers):
       p = pb[f"resblocks_{later}"]
       gamma = np.asarray(p["ln_1"]["scale"], np.float64)
-      sigma = np.asarray(blocks[f"resblocks_{later}"]["ln1_std"][0], np.float64)
-      a = np.asarray(blocks[f"resblocks_{later}"]["attn"]["cls_attn"][0], np.float64)
+      sigma = np.asarray(inter[later]["ln1_std"], np.float64)
+      a = np.asarray(inter[later]["cls_attn"], np.float64)
       kernel = np.asarray(p["attn"]["in_proj"]["kernel"], np.float64)
       w_o = np.asarray(p["attn"]["out_proj"]["kernel"], np.float64)
       for bi in range(n_batch):

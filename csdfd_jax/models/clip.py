@@ -81,15 +81,15 @@ def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
 
 class Attention(nn.Module):
   """Multi-head self-attention, torch ``nn.MultiheadAttention`` layout: one ``in_proj`` whose
-  output columns are q, k, v (each heads x head_dim), then ``out_proj``. When "intermediates" is
-  mutable it sows ``cls_attn`` [B, heads, N] (the first token's attention weights) and
-  ``cls_out`` [B, d] (the output at the first token), for GM-DF's second-order term."""
+  output columns are q, k, v (each heads x head_dim), then ``out_proj``. With ``record`` it also
+  returns ``cls_attn`` [B, heads, N] (the first token's attention weights) and ``cls_out``
+  [B, d] (the output at the first token), for GM-DF's second-order term."""
 
   num_heads: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, causal: bool = False) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, *, causal: bool = False, record: bool = False):
     b, n, d = x.shape
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by {self.num_heads} heads")
@@ -97,11 +97,11 @@ class Attention(nn.Module):
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
     out = nn.Dense(d, dtype=self.dtype, name="out_proj")(out.reshape(b, n, d))
-    if self.is_mutable_collection("intermediates"):
-      scores = jnp.einsum("bhe,bnhe->bhn", q[:, 0], k) / math.sqrt(d // self.num_heads)
-      self.sow("intermediates", "cls_attn", jax.nn.softmax(scores.astype(jnp.float32), axis=-1))
-      self.sow("intermediates", "cls_out", out[:, 0])
-    return out
+    if not record:
+      return out
+    scores = jnp.einsum("bhe,bnhe->bhn", q[:, 0], k) / math.sqrt(d // self.num_heads)
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    return out, {"cls_attn": weights, "cls_out": out[:, 0]}
 
 
 class Mlp(nn.Module):
@@ -122,7 +122,9 @@ class ResidualAttentionBlock(nn.Module):
   """Pre-norm block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); ``norm(dtype=, name=)`` builds
   ``ln_1`` and ``ln_2``. ``branch(dtype=, name=)``, when given, builds a module added beside the
   MLP on the same input, ``x + mlp(h) + branch(h, domain)`` with h = ln_2(x) (GM-DF's expert
-  branch, ``csdfd_jax.models.gmdf``; ``domain`` is the per-sample code it is conditioned on)."""
+  branch, ``csdfd_jax.models.gmdf``; ``domain`` is the per-sample code it is conditioned on).
+  With ``record`` it returns ``(out, record)``: ln_1's per-token std ``ln1_std`` [B, N], the
+  MLP output ``mlp_out`` [B, N, d] and the attention's ``cls_attn`` and ``cls_out``."""
 
   num_heads: int
   mlp_ratio: float = 4.0
@@ -133,26 +135,37 @@ class ResidualAttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jnp.ndarray, *, causal: bool = False, domain: jnp.ndarray | None = None
-  ) -> jnp.ndarray:
-    if self.is_mutable_collection("intermediates"):  # ln_1's statistic, for GM-DF's Eq. 7
-      x32 = x.astype(jnp.float32)
-      self.sow("intermediates", "ln1_std", jnp.sqrt(jnp.var(x32, axis=-1) + 1e-5))
+    self,
+    x: jnp.ndarray,
+    *,
+    causal: bool = False,
+    domain: jnp.ndarray | None = None,
+    record: bool = False,
+  ):
+    rec = {}
+    if record:  # ln_1's statistic (LayerNorm eps 1e-5), for GM-DF's Eq. 7
+      rec["ln1_std"] = jnp.sqrt(jnp.var(x.astype(jnp.float32), axis=-1) + 1e-5)
     y = self.norm(dtype=self.dtype, name="ln_1")(x)
-    x = x + Attention(self.num_heads, self.dtype, name="attn")(y, causal=causal)
+    attn = Attention(self.num_heads, self.dtype, name="attn")(y, causal=causal, record=record)
+    if record:
+      attn, more = attn
+      rec |= more
+    x = x + attn
     y = self.norm(dtype=self.dtype, name="ln_2")(x)
     hidden = int(x.shape[-1] * self.mlp_ratio)
     mlp = Mlp(hidden, self.quick_gelu, self.dtype, name="mlp")(y)
-    self.sow("intermediates", "mlp_out", mlp)
     out = x + mlp
     if self.branch is not None:
       out = out + self.branch(dtype=self.dtype, name="branch")(y, domain)
-    return out
+    if not record:
+      return out
+    return out, rec | {"mlp_out": mlp}
 
 
 class Transformer(nn.Module):
   """``layers`` blocks ``resblocks_<i>``; returns the last tokens and those after each block
-  of ``return_layers`` (zero-indexed, in that order)."""
+  of ``return_layers`` (zero-indexed, in that order), and with ``record`` each block's record
+  (``ResidualAttentionBlock``) as a third element."""
 
   layers: int
   heads: int
@@ -170,11 +183,12 @@ class Transformer(nn.Module):
     causal: bool = False,
     return_layers: Sequence[int] = (),
     domain: jnp.ndarray | None = None,
-  ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
+    record: bool = False,
+  ) -> tuple:
     bad = [i for i in return_layers if not 0 <= i < self.layers]
     if bad:
       raise ValueError(f"return_layers {bad} out of range: blocks are 0..{self.layers - 1}")
-    kept = {}
+    kept, records = {}, []
     for i in range(self.layers):
       block = ResidualAttentionBlock(
         self.heads,
@@ -185,9 +199,13 @@ class Transformer(nn.Module):
         self.branch,
         name=f"resblocks_{i}",
       )
-      x = block(x, causal=causal, domain=domain)
+      x = block(x, causal=causal, domain=domain, record=record)
+      if record:
+        x, rec = x
+        records.append(rec)
       kept[i] = x
-    return x, tuple(kept[i] for i in return_layers)
+    layers = tuple(kept[i] for i in return_layers)
+    return (x, layers, tuple(records)) if record else (x, layers)
 
 
 class VisionTransformer(nn.Module):
@@ -197,7 +215,8 @@ class VisionTransformer(nn.Module):
   returns ``(output, tokens after those blocks)``. Sows ``features`` (the last block's tokens)
   into "intermediates". ``train`` is the backbone interface's flag; CLIP has no dropout.
   ``branch`` adds a module beside every block's MLP (``ResidualAttentionBlock``), conditioned on
-  ``domain`` [B, k] (None: the wildcard, as eval and predict call it)."""
+  ``domain`` [B, k] (None: the wildcard, as eval and predict call it). ``record=True`` returns
+  ``(output, tokens after return_layers, per-block records)`` (GM-DF's Eq. 7 reads them)."""
 
   image_size: int
   patch_size: int
@@ -220,7 +239,8 @@ class VisionTransformer(nn.Module):
     train: bool = False,
     return_layers: Sequence[int] = (),
     domain: jnp.ndarray | None = None,
-  ) -> jnp.ndarray | tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
+    record: bool = False,
+  ) -> jnp.ndarray | tuple:
     p, w, grid = self.patch_size, self.width, self.image_size // self.patch_size
     h, wd = x.shape[1:3]
     if h % p or wd % p or min(h, wd) < p:
@@ -240,12 +260,14 @@ class VisionTransformer(nn.Module):
     cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, w))
     x = jnp.concatenate([cls, x.reshape(b, gh * gw, w)], axis=1) + pos
     x = layer_norm(dtype=self.dtype, name="ln_pre")(x)
-    x, layers = _trunk(self)(x, return_layers=return_layers, domain=domain)
+    x, layers, *records = _trunk(self)(x, return_layers=return_layers, domain=domain, record=record)
     self.sow("intermediates", "features", x)
     x = layer_norm(dtype=self.dtype, name="ln_post")(x[:, 0])
     proj = self.param("proj", init, (w, self.embed_dim), jnp.float32)
     if self.project:
       x = x @ proj.astype(self.dtype)
+    if record:
+      return x, layers, records[0]
     return (x, layers) if return_layers else x
 
 

@@ -183,7 +183,7 @@ def sis_loss(
 
 
 def second_order_effects(
-  params: dict, intermediates: dict, layers: tuple[int, ...], heads: int
+  params: dict, records: tuple[dict, ...], layers: tuple[int, ...], heads: int
 ) -> dict[int, jnp.ndarray]:
   """Eq. 7, after Gandelsman et al. (ICLR 2024, "second-order effects of neurons"): for each
   (zero-indexed) block l in ``layers``, the part of the class token that block l's MLP output
@@ -195,25 +195,24 @@ def second_order_effects(
 
   m_i the MLP output of block l at token i, gamma_{l'} ln_1's scale, sigma_{l', i} ln_1's std
   of the residual at l'; no biases (they do not depend on m). ``params``: the image tower's
-  parameters; ``intermediates``: its "intermediates" collection from one forward pass
-  (``mutable=["intermediates"]``). GM-DF's layers 8-10 (1-indexed) are blocks 7, 8, 9. Returns
-  {l: [B, width]}."""
-  blocks = intermediates["transformer"]
+  parameters; ``records``: its per-block records from the same forward pass
+  (``VisionTransformer(..., record=True)``). GM-DF's layers 8-10 (1-indexed) are blocks 7, 8, 9.
+  Returns {l: [B, width]}."""
   p_blocks = params["transformer"]
-  num_blocks = len([k for k in p_blocks if k.startswith("resblocks_")])
+  num_blocks = len(records)
   out = {}
   for block in layers:
     if not 0 <= block < num_blocks - 1:
       raise ValueError(f"second-order layer {block}: needs a later block among 0..{num_blocks - 1}")
-    m = blocks[f"resblocks_{block}"]["mlp_out"][0].astype(jnp.float32)  # [B, T, d]
+    m = records[block]["mlp_out"].astype(jnp.float32)  # [B, T, d]
     centred = m - jnp.mean(m, axis=-1, keepdims=True)
     total = 0.0
     for later in range(block + 1, num_blocks):
       p = p_blocks[f"resblocks_{later}"]
       d = m.shape[-1]
       gamma = p["ln_1"]["scale"]
-      sigma = blocks[f"resblocks_{later}"]["ln1_std"][0]  # [B, T]
-      attn = blocks[f"resblocks_{later}"]["attn"]["cls_attn"][0]  # [B, H, T]
+      sigma = records[later]["ln1_std"]  # [B, T]
+      attn = records[later]["cls_attn"]  # [B, H, T]
       w_v = p["attn"]["in_proj"]["kernel"][:, 2 * d :].reshape(d, heads, d // heads)
       w_o = p["attn"]["out_proj"]["kernel"].reshape(heads, d // heads, d)
       c = gamma * centred / sigma[..., None]
