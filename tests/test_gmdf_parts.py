@@ -141,16 +141,11 @@ def test_the_prompt_template_and_its_slots():
   # SOT a X Y face showing for.gery clues EOT: "forgery" is two BPE tokens, 10 in all.
   assert int(jnp.sum(ids != 0)) == 10 and int(ids[0]) == tok.sot_token_id
   assert slots == (2, 3) and int(jnp.argmax(ids)) == 9  # EOT pooling position
-  rng = np.random.default_rng(5)
-  table = jnp.asarray(rng.normal(size=(49408, 8)), jnp.float32)
-  dom, cls = jnp.asarray(rng.normal(size=(3, 8))), jnp.asarray(rng.normal(size=(2, 8)))
-  emb = gmdf.prompt_embeddings(table, ids, slots, dom, cls)
-  assert emb.shape == (3, 2, 77, 8)
-  for j in range(3):
-    for k in range(2):
-      want = np.asarray(table)[np.asarray(ids)]
-      want[2], want[3] = dom[j], cls[k]
-      np.testing.assert_allclose(emb[j, k], want, atol=1e-6)
+  dom, cls = jnp.arange(3.0)[:, None] * jnp.ones((3, 4)), jnp.asarray([[10.0] * 4, [20.0] * 4])
+  x, y = gmdf.prompt_slots(dom, cls)
+  assert x.shape == y.shape == (6, 4)
+  np.testing.assert_array_equal(x[:, 0], [0, 0, 1, 1, 2, 2])  # the domain of row 2 j + k
+  np.testing.assert_array_equal(y[:, 0], [10, 20, 10, 20, 10, 20])  # its class
 
 
 def test_temperatures_and_the_sis_loss_equal_numpy():
@@ -266,3 +261,57 @@ def test_second_order_effects_equal_a_brute_force_loop():
     np.testing.assert_allclose(got[layer], want, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="needs a later block"):
     gmdf.second_order_effects(params, inter, layers=(3,), heads=heads)
+
+
+def _gmdf_with_clip_weights(num_domains=2):
+  from flax import traverse_util
+
+  model = gmdf.GMDF("tiny", num_domains=num_domains, so_layers=(0,))
+  images = jnp.asarray(np.random.default_rng(9).integers(0, 256, (3, 32, 32, 3)), jnp.uint8)
+  params = model.init(jax.random.key(0), images)["params"]
+  reference = clip.create_clip("tiny")
+  ids = jnp.zeros((1, 77), jnp.int32).at[0, :3].set(jnp.asarray([49406, 320, 49407]))
+  base = reference.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), ids)["params"]
+  flat = traverse_util.flatten_dict(params)
+  for tower in ("visual", "text"):
+    for key, value in traverse_util.flatten_dict(base[tower]).items():
+      assert (tower, *key) in flat, (tower, key)
+      flat[(tower, *key)] = value
+  return model, traverse_util.unflatten_dict(flat), images, reference, base
+
+
+def test_gmdf_starts_at_the_converted_clip_and_scores_without_a_domain():
+  model, params, images, reference, base = _gmdf_with_clip_weights()
+  x = (images.astype(jnp.float32) / 255.0 - jnp.asarray(clip.CLIP_MEAN)) / jnp.asarray(
+    clip.CLIP_STD
+  )
+  want = reference.apply({"params": base}, x, method=reference.encode_image)
+  for domain_ids in (None, jnp.asarray([0, 1, 2])):
+    logit, out = model.apply({"params": params}, images, domain_ids=domain_ids, aux=True)
+    np.testing.assert_allclose(out["v"], want, rtol=1e-6, atol=1e-6)
+    assert logit.shape == (3,) and np.all(np.isfinite(logit))
+  assert out["u"].shape == (3, 2, 32) and out["tau"].shape == (3,)
+  # Eval and predict call it with images only: the wildcard's logit.
+  wild = model.apply({"params": params}, images)
+  np.testing.assert_array_equal(
+    wild, model.apply({"params": params}, images, domain_ids=jnp.zeros(3, jnp.int32))
+  )
+  # The second-order term enters through alpha: once alpha moves, v moves.
+  moved = dict(params, so_alpha=jnp.ones_like(params["so_alpha"]))
+  _, out_moved = model.apply({"params": moved}, images, aux=True)
+  assert float(jnp.max(jnp.abs(out_moved["v"] - want))) > 1e-4
+
+
+def test_gmdf_adds_under_one_percent_of_vit_b16_clip():
+  def count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+  images = jnp.zeros((1, 224, 224, 3), jnp.uint8)
+  model = gmdf.GMDF("vit_b16", num_domains=3)
+  added = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+  ids = jnp.zeros((1, 77), jnp.int32)
+  base = jax.eval_shape(
+    lambda: clip.create_clip("vit_b16").init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), ids)
+  )
+  extra = count(added) - (count(base) - 1)  # GMDF has no logit_scale: its own temperatures
+  assert 0 < extra / count(base) < 0.01, (extra, count(base))

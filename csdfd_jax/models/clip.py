@@ -275,7 +275,9 @@ class TextTransformer(nn.Module):
   """CLIP's text tower: token ids [B, L] (L <= context_length, end-of-text = the largest id,
   padding after it) -> the text embedding [B, embed_dim]. ``token_embeds`` [B, L, width]
   replaces the embedding lookup (learned prompt vectors); the ids still mark the end-of-text
-  position. ``return_layers`` as for the image tower."""
+  position. ``slots`` {position: [B, width]} replaces the looked-up embeddings at those
+  positions only (a prompt template with learned words: GM-DF's Eq. 9). ``return_layers`` as
+  for the image tower."""
 
   width: int
   layers: int
@@ -294,6 +296,7 @@ class TextTransformer(nn.Module):
     ids: jnp.ndarray,
     *,
     token_embeds: jnp.ndarray | None = None,
+    slots: Mapping[int, jnp.ndarray] | None = None,
     return_layers: Sequence[int] = (),
   ) -> jnp.ndarray | tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
     b, n = ids.shape
@@ -307,6 +310,8 @@ class TextTransformer(nn.Module):
       name="token_embedding",
     )
     x = embed(ids) if token_embeds is None else token_embeds.astype(self.dtype)
+    for position, vectors in (slots or {}).items():
+      x = x.at[:, position].set(jnp.broadcast_to(vectors, (b, self.width)).astype(self.dtype))
     pos = self.param(
       "positional_embedding", nn.initializers.normal(0.01), (self.context_length, self.width)
     )

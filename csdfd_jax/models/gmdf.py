@@ -21,12 +21,14 @@ where the paper is wrong or silent:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from csdfd_jax.models import clip
 from csdfd_jax.models.clip import quick_gelu
 
 EPS = 1e-5  # CLIP's LayerNorm epsilon
@@ -118,22 +120,14 @@ def template_ids(tokenizer, context_length: int = 77) -> tuple[jnp.ndarray, tupl
   return jnp.asarray(ids), (slot_x, slot_y)
 
 
-def prompt_embeddings(
-  token_table: jnp.ndarray,
-  ids: jnp.ndarray,
-  slots: tuple[int, int],
-  domain_embeds: jnp.ndarray,
-  class_embeds: jnp.ndarray,
-) -> jnp.ndarray:
-  """Token embeddings [D + 1, 2, L, width] of every (domain, class) prompt: the template's
-  looked-up embeddings with slot X set to ``domain_embeds[j]`` (row 0: the wildcard) and slot Y
-  to ``class_embeds[k]`` (0 real, 1 fake). Feed a row to the text tower as ``token_embeds`` with
-  the template ids (which mark the end-of-text position)."""
-  base = token_table[ids]  # [L, width]
+def prompt_slots(domain_embeds: jnp.ndarray, class_embeds: jnp.ndarray):
+  """The learned words of every (domain, class) prompt, rows in (j, k) order (j = 0 the
+  wildcard, k = 0 real, 1 fake): (slot X vectors [2 (D + 1), width], slot Y vectors [same]),
+  for ``TextTransformer(..., slots={x: ..., y: ...})`` over the template ids."""
   n_dom, width = domain_embeds.shape
-  out = jnp.broadcast_to(base, (n_dom, 2, *base.shape))
-  out = out.at[:, :, slots[0]].set(jnp.broadcast_to(domain_embeds[:, None], (n_dom, 2, width)))
-  return out.at[:, :, slots[1]].set(jnp.broadcast_to(class_embeds[None], (n_dom, 2, width)))
+  x = jnp.repeat(domain_embeds, 2, axis=0)
+  y = jnp.tile(class_embeds, (n_dom, 1))
+  return x, y
 
 
 def temperatures(domain_embeds: jnp.ndarray, tau_base: float = 0.07, phi: float = 0.01):
@@ -220,3 +214,99 @@ def second_order_effects(
       total = total + jnp.einsum("bhd,dhe,hef->bf", pooled, w_v, w_o)
     out[block] = total
   return out
+
+
+# ----------------------------------------------------------------------------- the detector
+
+
+class GMDF(nn.Module):
+  """GM-DF's detector on CLIP (Sec. 3): the image tower with an expert branch in every block,
+  conditioned on a learned code per training domain (Eq. 1-5), the second-order aggregation of
+  blocks ``so_layers`` (Eq. 7-8: v = Proj(z_cls + sum_l alpha_l Norm(Delta_l)), alpha_l = 0 at
+  initialisation), and the text tower over the domain-class prompts (Eq. 9).
+
+  Inputs are uint8 NHWC images (normalised with CLIP's mean/std inside). ``domain_ids`` [B] in
+  0..D (0 = the wildcard; None: the wildcard for every sample, what eval and predict use).
+  Returns one fake logit per image, the prompt head of notes 3.5 item 6:
+  (s(v, u_{d,fake}) - s(v, u_{d,real})) / tau_d with the sample's domain d. ``aux=True`` also
+  returns a dict with the image embedding ``v``, the prompt embeddings ``u`` [D + 1, 2, e] and
+  the temperatures ``tau`` [D + 1], for L_sis. At initialisation the branch adds exactly 0 and
+  alpha_l = 0, so ``v`` is the converted CLIP's image embedding."""
+
+  variant: str
+  num_domains: int
+  num_experts: int = 0  # 0: one per training domain
+  expert_dim: int = 16
+  domain_dim: int = 16
+  so_layers: tuple[int, ...] = (7, 8, 9)  # zero-indexed: the paper's 1-indexed layers 8-10
+  tau_base: float = 0.07
+  phi: float = 0.01
+  context_length: int = 77
+  template: tuple[int, ...] = ()  # the template's ids (``template_ids``); () = placeholder ids
+  slots: tuple[int, int] = (2, 3)
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    cfg = clip._config(self.variant)
+    if self.num_domains < 1:
+      raise ValueError(f"GMDF needs at least one training domain, got {self.num_domains}")
+    experts = self.num_experts or self.num_domains
+    branch = functools.partial(
+      ExpertBranch, num_experts=experts, bottleneck=self.expert_dim, domain_dims=self.domain_dim
+    )
+    self.visual = clip.VisionTransformer(
+      **cfg["vision"], embed_dim=cfg["embed_dim"], project=False, branch=branch, dtype=self.dtype
+    )
+    self.text = clip.TextTransformer(**cfg["text"], embed_dim=cfg["embed_dim"], dtype=self.dtype)
+    width = cfg["text"]["width"]
+    init = nn.initializers.normal(0.02)
+    self.domain_codes = self.param("domain_codes", init, (self.num_domains, self.domain_dim))
+    self.domain_embeds = self.param("domain_embeds", init, (self.num_domains + 1, width))
+    self.class_embeds = self.param("class_embeds", init, (2, width))
+    self.so_norms = [
+      clip.layer_norm(dtype=self.dtype, name=f"so_norm_{l}")
+      for l in self.so_layers  # noqa: E741
+    ]
+    self.so_alpha = self.param("so_alpha", nn.initializers.zeros, (len(self.so_layers),))
+    self.heads = cfg["vision"]["heads"]
+
+  def prompts(self) -> jnp.ndarray:
+    """The (domain, class) prompt embeddings [D + 1, 2, e], row 0 the wildcard."""
+    n = self.num_domains + 1
+    ids = jnp.asarray(self.template, jnp.int32) if self.template else None
+    if ids is None:  # a stand-in template of 10 tokens with its end token last (tests, tiny)
+      ids = jnp.zeros((self.context_length,), jnp.int32).at[:10].set(jnp.arange(1, 11))
+      ids = ids.at[9].set(49407)
+    x, y = prompt_slots(self.domain_embeds, self.class_embeds)
+    u = self.text(
+      jnp.broadcast_to(ids, (2 * n, ids.shape[0])), slots={self.slots[0]: x, self.slots[1]: y}
+    )
+    return u.reshape(n, 2, -1)
+
+  def __call__(self, images, *, train: bool = False, domain_ids=None, aux: bool = False):
+    del train  # no dropout
+    mean = jnp.asarray(clip.CLIP_MEAN, jnp.float32) * 255.0
+    std = jnp.asarray(clip.CLIP_STD, jnp.float32) * 255.0
+    x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
+    ids = None if domain_ids is None else jnp.asarray(domain_ids, jnp.int32)
+    codes = None
+    if ids is not None:
+      table = jnp.concatenate([jnp.zeros((1, self.domain_dim)), self.domain_codes], axis=0)
+      codes = table[ids]  # row 0: the wildcard's zero code
+    z, _, records = self.visual(x, domain=codes, record=True)
+    if self.so_layers:
+      params = self.visual.variables["params"]
+      deltas = second_order_effects(params, records, self.so_layers, self.heads)
+      for i, layer in enumerate(self.so_layers):
+        z = z + self.so_alpha[i] * self.so_norms[i](deltas[layer])
+    v = z @ self.visual.variables["params"]["proj"].astype(self.dtype)
+    u = self.prompts()
+    tau = temperatures(self.domain_embeds, self.tau_base, self.phi)
+    d = jnp.zeros((images.shape[0],), jnp.int32) if ids is None else ids
+    vn = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+    un = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+    sims = jnp.einsum("be,bke->bk", vn, un[d])  # [B, 2]: real, fake prompts of the domain
+    logit = (sims[:, 1] - sims[:, 0]) / tau[d]
+    if aux:
+      return logit, {"v": v, "u": u, "tau": tau}
+    return logit
