@@ -27,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from csdfd_jax.models import clip
 from csdfd_jax.models.clip import quick_gelu
@@ -109,7 +110,7 @@ class ExpertBranch(nn.Module):
 TEMPLATE = "a X Y face showing forgery clues"  # X: the domain slot, Y: the class slot (Eq. 9)
 
 
-def template_ids(tokenizer, context_length: int = 77) -> tuple[jnp.ndarray, tuple[int, int]]:
+def template_ids(tokenizer, context_length: int = 77) -> tuple[np.ndarray, tuple[int, int]]:
   """The template's token ids [context_length] (SOT a X Y face showing for gery clues EOT, then
   zeros) and the positions of the two slots whose embeddings the learned e_dom and e_cls
   replace. ``tokenizer``: ``csdfd_jax.models.clip_tokenizer.Tokenizer``."""
@@ -117,7 +118,7 @@ def template_ids(tokenizer, context_length: int = 77) -> tuple[jnp.ndarray, tupl
   pieces = tokenizer.encode(TEMPLATE)
   (x,), (y,) = tokenizer.encode("x"), tokenizer.encode("y")
   slot_x, slot_y = 1 + pieces.index(x), 1 + pieces.index(y)  # + 1: the start token
-  return jnp.asarray(ids), (slot_x, slot_y)
+  return np.asarray(ids, np.int32), (slot_x, slot_y)
 
 
 def prompt_slots(domain_embeds: jnp.ndarray, class_embeds: jnp.ndarray):
@@ -242,8 +243,6 @@ class GMDF(nn.Module):
   tau_base: float = 0.07
   phi: float = 0.01
   context_length: int = 77
-  template: tuple[int, ...] = ()  # the template's ids (``template_ids``); () = placeholder ids
-  slots: tuple[int, int] = (2, 3)
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -269,14 +268,15 @@ class GMDF(nn.Module):
     ]
     self.so_alpha = self.param("so_alpha", nn.initializers.zeros, (len(self.so_layers),))
     self.heads = cfg["vision"]["heads"]
+    from csdfd_jax.models import clip_tokenizer  # the vocabulary file is needed from here on
+
+    ids, self.slots = template_ids(clip_tokenizer.Tokenizer(), self.context_length)
+    self.template = ids
 
   def prompts(self) -> jnp.ndarray:
     """The (domain, class) prompt embeddings [D + 1, 2, e], row 0 the wildcard."""
     n = self.num_domains + 1
-    ids = jnp.asarray(self.template, jnp.int32) if self.template else None
-    if ids is None:  # a stand-in template of 10 tokens with its end token last (tests, tiny)
-      ids = jnp.zeros((self.context_length,), jnp.int32).at[:10].set(jnp.arange(1, 11))
-      ids = ids.at[9].set(49407)
+    ids = jnp.asarray(self.template)
     x, y = prompt_slots(self.domain_embeds, self.class_embeds)
     u = self.text(
       jnp.broadcast_to(ids, (2 * n, ids.shape[0])), slots={self.slots[0]: x, self.slots[1]: y}
