@@ -125,9 +125,8 @@ def prompt_slots(domain_embeds: jnp.ndarray, class_embeds: jnp.ndarray):
   """The learned words of every (domain, class) prompt, rows in (j, k) order (j = 0 the
   wildcard, k = 0 real, 1 fake): (slot X vectors [2 (D + 1), width], slot Y vectors [same]),
   for ``TextTransformer(..., slots={x: ..., y: ...})`` over the template ids."""
-  n_dom, width = domain_embeds.shape
   x = jnp.repeat(domain_embeds, 2, axis=0)
-  y = jnp.tile(class_embeds, (n_dom, 1))
+  y = jnp.tile(class_embeds, (domain_embeds.shape[0], 1))
   return x, y
 
 
