@@ -26,6 +26,16 @@ each reported as a ratio to O+S (ERM, one backward pass per step):
   gr a=0.5      GR, alpha = 0.5: the first pass also keeps its weight gradient g1 (Eq. 12)
   dualflat      DualFlat (Eq. 14, alpha 0.4, beta 0.1): GR plus a third, SAM pass in weights
 
+With ``--gmdf``, only GM-DF's rows, on CLIP (``--gmdf_variant``, default vit_b16, at
+``--gmdf_size`` px, ``--gmdf_batch`` images per domain x 3 domains), each a ratio to the plain
+CLIP fine-tuning step on the same images (``clip ft``: the image tower's pooled class token +
+a linear classifier, DeepfakeBench's ``clip`` detector, O+S over the three domain sub-batches,
+Adam):
+
+  gmdf fo       GM-DF's step, first order (Eq. 15 literally): the inner pass on the two
+                meta-train domains, the outer pass and the masked MIM pass on the meta-test one
+  gmdf so       exact MAML: plus one forward-over-reverse product on the meta-train batch
+
 Both frameworks run the same architecture (``Detector``: uint8 input normalised inside the model
 with the variant's mean/std, backbone, phi of ``--proj`` units, one logit) from random weights,
 dropout and drop-path off. JAX steps are one ``jax.jit`` with the state donated; every step ends
@@ -35,6 +45,7 @@ the median over ``--rounds`` rounds is reported, compile / warm-up excluded. Rat
 (the issue's target is <= 1.05x, the paper reports +2%) and JAX O+S / torch O+S (time per step:
 below 1 means JAX is faster).
 
+  python bench/train_step.py --gmdf [--gmdf_variant vit_b16] [--gmdf_size 224] [--gmdf_batch 10]
   python bench/train_step.py [--variant efficientnet_b0] [--size 128] [--batch 8] [--rounds 3]
                              [--iters 2] [--no-torch] [--device auto|cpu|gpu] [--dtype float32]
   B4 as in the paper: --variant tf_efficientnet_b4 --size 256 --batch 16  (or --size 380)
@@ -117,6 +128,10 @@ class JaxStep:
     model = Detector(backbone, prep["mean"], prep["std"], projection_dims=(proj,), dtype=dtype)
     m = methods.get(method, config)
     tx = optax.chain(m.transform, optax.sgd(1e-3, momentum=0.9))
+    self._setup(model, m, tx, random_batch(m.streams, batch, size), size, device)
+
+  def _setup(self, model, m, tx, batch: dict, size: int, device: str) -> None:
+    """Initial state and batch on ``device`` and the jitted, donated step of method ``m``."""
     self.device = jax.devices(device)[0]
     with jax.default_device(self.device):
       variables = jax.jit(partial(model.init, train=False))(
@@ -128,10 +143,12 @@ class JaxStep:
       state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
     # Committed like the step's outputs: otherwise the second call compiles the step again.
     self.state = jax.device_put(state, self.device)
-    self.batch = jax.device_put(random_batch(m.streams, batch, size), self.device)
-    train_step = make_step(m.gradient_fn(model), tx, m.streams, diagnostics=m.diagnostics)
+    self.batch = jax.device_put(batch, self.device)
+    train_step = make_step(
+      m.gradient_fn(model), tx, m.streams, diagnostics=m.diagnostics, axes=m.update_axes
+    )
     self.step = jax.jit(train_step, donate_argnums=0)
-    self.images_per_step = batch * len(m.streams)
+    self.images_per_step = len(m.streams) * len(batch[m.streams[0]]["label"])
     self.tx, self.streams = tx, m.streams
 
   def run(self, iters: int) -> None:
@@ -224,6 +241,73 @@ class TorchStep:
       loss.item()
 
 
+class ClipStep(JaxStep):
+  """A jitted, donated train step on CLIP over three domain sub-batches: GM-DF (``gmdf``) from
+  ``configs/gmdf.py``, or the plain fine-tuning baseline (``O+S`` on a ``Detector`` whose
+  backbone is CLIP's image tower, pooled class token, + one linear logit)."""
+
+  def __init__(self, variant, method, *, size, batch, device, order=1):  # noqa: PLR0913
+    import sys
+
+    sys.path.insert(0, str(CONFIG.parents[1]))  # the repository root: configs/
+    from configs import gmdf as gmdf_configs
+    from csdfd_jax.models import clip, detector
+
+    config = gmdf_configs.get_config()
+    config.model.variant = variant
+    config.gmdf.maml_order = order
+    if variant == "tiny":  # two blocks: the second-order term reads the first
+      config.gmdf.so_layers = (1,)
+    domains = tuple(config.gmdf.domains.split(","))
+    config.data.streams = config.gmdf.domains
+    if method == "gmdf":
+      model = detector.build(config)
+    else:
+      backbone = clip.create(variant, project=False)
+      model = Detector(backbone, clip.CLIP_MEAN, clip.CLIP_STD, projection_dims=())
+    m = methods.get(method, config)
+    batch_ = random_batch(m.streams, batch, size)
+    for i, d in enumerate(domains):
+      batch_[d]["domain"] = np.full((batch,), i + 1, np.int32)
+    self._setup(model, m, m.full_optimizer(optax.adam(3e-6)), batch_, size, device)
+
+
+def gmdf_main(args) -> None:
+  device = pick_device(args.device)
+  shape = dict(size=args.gmdf_size, batch=args.gmdf_batch, device=device)
+  runners, compile_s = {}, {}
+  for name, method, order in (
+    ("clip ft", "O+S", 1),
+    ("gmdf fo", "gmdf", 1),
+    ("gmdf so", "gmdf", 2),
+  ):
+    start = time.perf_counter()
+    runners[name] = ClipStep(args.gmdf_variant, method, order=order, **shape)
+    runners[name].run(1)
+    compile_s[name] = time.perf_counter() - start
+  print(f"device: {device} ({jax.devices(device)[0].device_kind}); jax {jax.__version__}")
+  print(
+    f"CLIP {args.gmdf_variant} {args.gmdf_size}px float32, {args.gmdf_batch} images per domain x "
+    f"3 domains = {3 * args.gmdf_batch} images per step; {args.rounds} rounds x {args.iters} steps"
+  )
+  med = timed_table(runners, compile_s, args.rounds, args.iters)
+  for name in ("gmdf fo", "gmdf so"):
+    print(f"{name} / clip ft, time per step: {med[name] / med['clip ft']:.3f}x")
+
+
+def timed_table(runners: dict, compile_s: dict, rounds: int, iters: int) -> dict[str, float]:
+  """Times the runners (``time_rounds``), prints one row each, returns the medians."""
+  times = time_rounds(runners, rounds, iters)
+  med = {name: statistics.median(t) for name, t in times.items()}
+  print(f"{'step':<12}{'ms/step':>10}{'img/s':>9}{'setup+compile s':>17}   rounds ms/step")
+  for name, t in times.items():
+    n = runners[name].images_per_step
+    ips = f"{n / med[name]:.2f}" if n else "-"
+    rounds_ms = " ".join(f"{1e3 * x:.1f}" for x in t)
+    print(f"{name:<12}{1e3 * med[name]:>10.1f}{ips:>9}{compile_s[name]:>17.1f}   {rounds_ms}")
+  return med
+
+
 def time_rounds(runners: dict, rounds: int, iters: int) -> dict[str, list[float]]:
   """Seconds per step of each runner, ``rounds`` interleaved rounds of ``iters`` steps."""
   times = {name: [] for name in runners}
@@ -250,7 +334,15 @@ def main() -> None:
   parser.add_argument(
     "--peers", action="store_true", help="add the sam, roga, gr and dualflat rows"
   )
+  parser.add_argument("--gmdf", action="store_true", help="only GM-DF's rows, on CLIP")
+  parser.add_argument("--gmdf_variant", default="vit_b16", help="CLIP variant (models.clip)")
+  parser.add_argument("--gmdf_size", type=int, default=224, help="CLIP input side in pixels")
+  parser.add_argument("--gmdf_batch", type=int, default=10, help="images per domain (3 domains)")
   args = parser.parse_args()
+  if args.gmdf:
+    if args.gmdf_batch < 2 or args.gmdf_batch % 2:
+      raise SystemExit("--gmdf_batch must be even (half real, half fake per domain)")
+    return gmdf_main(args)
   if args.batch < 2 or args.batch % 2:
     raise SystemExit("--batch must be even (half real, half fake per stream)")
   device = pick_device(args.device)
@@ -316,14 +408,7 @@ def main() -> None:
     f"{args.variant} {args.size}px {args.dtype}, {args.batch} images per stream x 2 streams = "
     f"{2 * args.batch} images per step; phi {args.proj}; {args.rounds} rounds x {args.iters} steps"
   )
-  times = time_rounds(runners, args.rounds, args.iters)
-  med = {name: statistics.median(t) for name, t in times.items()}
-  print(f"{'step':<12}{'ms/step':>10}{'img/s':>9}{'setup+compile s':>17}   rounds ms/step")
-  for name, t in times.items():
-    n = runners[name].images_per_step
-    ips = f"{n / med[name]:.2f}" if n else "-"
-    rounds = " ".join(f"{1e3 * x:.1f}" for x in t)
-    print(f"{name:<12}{1e3 * med[name]:>10.1f}{ips:>9}{compile_s[name]:>17.1f}   {rounds}")
+  med = timed_table(runners, compile_s, args.rounds, args.iters)
   print(f"csdfd / O+S (JAX), time per step: {med['csdfd'] / med['O+S']:.3f}x (target <= 1.05x)")
   print(f"csdfd exact CGR / csdfd Eq. 24, time per step: {med['csdfd exact'] / med['csdfd']:.3f}x")
   extra = med["upd csdfd"] - med["upd O+S"]

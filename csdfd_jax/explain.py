@@ -117,7 +117,13 @@ def analyse(model: nn.Module, variables, images, *, target: str = "fake") -> dic
   """Jitted Grad-CAM with its ingredients: {"cams" [B,H,W], "logits" [B] (re-expressed from
   A), "model_logits" [B] (the plain forward; equal to "logits"), "features" A, "grads"
   dy/dA}."""
-  pooling_of(model.backbone)
+  backbone = getattr(model, "backbone", None)
+  if backbone is None:
+    raise ValueError(
+      f"Grad-CAM reads a Detector's backbone feature map; {type(model).__name__} has no "
+      "backbone (GM-DF's CLIP tower: only the class token reaches the logit)"
+    )
+  pooling_of(backbone)
   logits, features, grads = features_and_gradients(model, variables, images, target=target)
   model_logits, _ = _features(model, variables, images)
   cams = cam_from(features, grads, images.shape[1:3])

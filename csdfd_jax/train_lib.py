@@ -249,7 +249,7 @@ def _train_and_evaluate(config, workdir: str, is_main: bool) -> dict[str, Any]:
   method = methods.get(config.method, config)
   model = build_model(config)
   lr = learning_rate_schedule(config)
-  tx = optax.chain(method.transform, base_optimizer(config, lr))
+  tx = method.full_optimizer(base_optimizer(config, lr))
   variables = init_variables(model, config, config.seed)
   state = create_train_state(variables, tx, jax.random.PRNGKey(config.seed))
   # Fresh buffers per leaf: optimizer states may alias arrays, and the step donates them.
@@ -287,6 +287,7 @@ def _train_and_evaluate(config, workdir: str, is_main: bool) -> dict[str, Any]:
       diagnostics=method.diagnostics,
       learning_rate=lr,
       max_loss=config.train.max_loss or None,
+      axes=method.update_axes,
     ),
     in_shardings=(replicated, data_sharding),
     out_shardings=(replicated, replicated),

@@ -107,7 +107,8 @@ def test_stacked_gradients_equal_separate_per_stream_passes():
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", list(methods.METHODS))
+# GM-DF needs its CLIP detector: tests/test_gmdf_method.py steps it (and checks one compile).
+@pytest.mark.parametrize("name", [m for m in methods.METHODS if m != "gmdf"])
 def test_every_method_steps_finitely_and_compiles_once(name):
   model = conv_detector()
   config = method_config()

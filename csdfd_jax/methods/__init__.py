@@ -12,6 +12,7 @@
 | ``roga``  | K declared domains (o, s) | mean of per-domain RoGA gradients (Eq. 6) | roga |
 | ``gr``    | ``gr.streams`` (o) | (1-a) g + a g(PIM-perturbed features), summed (Eq. 12) | gr |
 | ``dualflat`` | ``gr.streams`` (o) | GR plus b g(theta + r' g/||g||) (Eq. 14) | gr |
+| ``gmdf``  | one per dataset | inner SGD on experts, Adam on the base (Eq. 13-15) | gmdf |
 
 The first six compute per-stream BCE gradients; ``cgr.mode="exact"`` adds the exact gradient of
 the conflict loss (Eq. 18) to phi's.
@@ -19,10 +20,11 @@ the conflict loss (Eq. 18) to phi's.
 The contract (``Method``): the method declares its streams (``specs``: which records give each
 stream's reals and fakes, see ``csdfd_jax.data.pipeline.StreamSpec``), produces its own stacked
 gradients (``gradients(model)`` returns the ``GradFn`` of ``methods.step``), names the gradient
-transformation that turns them into one update, and reads its own diagnostics from the
-optimizer state. The loop (``train_lib``) and the step (``methods.step``) know no method by
-name. A method outside this package is named by its module path: ``config.method =
-"my_project.my_method"`` imports that module and calls its ``build(name, config)``.
+transformation that turns them into one update (and, if it needs one, its own optimizer around
+the base one), and reads its own diagnostics from the optimizer state. The loop
+(``train_lib``) and the step (``methods.step``) know no method by name. A method outside this
+package is named by its module path: ``config.method = "my_project.my_method"`` imports that
+module and calls its ``build(name, config)``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ METHODS = {
   "roga": "roga",
   "gr": "gr",
   "dualflat": "gr",
+  "gmdf": "gmdf",
 }
 
 
@@ -65,10 +68,25 @@ class Method(NamedTuple):
   gradients: Callable[[nn.Module], GradFn] | None = None  # None: bce_per_stream(streams)
   diagnostics: Callable[[Any], dict] = opt_state_scalars  # scalars from the opt state
   specs: tuple[StreamSpec, ...] | None = None  # None: the standard spec of each stream name
+  # The names of the stacked gradient axis when it is not one entry per stream (a method that
+  # combines its streams itself, e.g. GM-DF's one meta-gradient: ("meta",)).
+  axes: tuple[str, ...] | None = None
+  # A method that owns its optimizer: base optimizer -> the optimizer the step applies after
+  # ``transform`` (GM-DF: SGD on the expert parameters, the base optimizer on the rest, the
+  # text tower frozen). None: the base optimizer (config.optim) on every parameter.
+  optimizer: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = None
 
   def gradient_fn(self, model: nn.Module) -> GradFn:
     make = self.gradients or bce_per_stream(self.streams)
     return make(model)
+
+  @property
+  def update_axes(self) -> tuple[str, ...]:
+    return self.axes or self.streams
+
+  def full_optimizer(self, base: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``transform`` then the method's optimizer around ``base`` (or ``base`` itself)."""
+    return optax.chain(self.transform, self.optimizer(base) if self.optimizer else base)
 
   def stream_specs(self) -> tuple[StreamSpec, ...]:
     specs = self.specs or tuple(default_spec(s) for s in self.streams)

@@ -198,22 +198,27 @@ def make_step(
   diagnostics: Callable[[PyTree], dict[str, jax.Array]] = opt_state_scalars,
   learning_rate: Callable[[jax.Array], jax.Array] | None = None,
   max_loss: float | None = None,
+  axes: tuple[str, ...] | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The pure ``train_step(state, batch) -> (state, metrics)`` of a method's ``gradients``
-  (stacked over ``streams``) and ``tx`` (stacked -> one update, then the base optimizer);
-  ``batch[s]`` holds ``image`` uint8 [B,H,W,3], ``label`` [B] and any field the method reads.
-  ``diagnostics(opt_state)`` gives the method's scalars read from the optimizer state. A step
-  is not applied (``finite = 0``) when the loss, the update or the new parameters are not
-  finite, or when a stream's loss exceeds ``max_loss`` (a divergence that stays finite)."""
+  (stacked over ``axes``, by default the ``streams``) and ``tx`` (stacked -> one update, then
+  the base optimizer); ``batch[s]`` for each of ``streams`` holds ``image`` uint8 [B,H,W,3],
+  ``label`` [B] and any field the method reads. A method that combines its streams itself
+  names its own stacked axis (GM-DF: ``("meta",)``); losses and gradient norms are logged per
+  entry of ``axes``. ``diagnostics(opt_state)`` gives the method's scalars read from the
+  optimizer state. A step is not applied (``finite = 0``) when the loss, the update or the new
+  parameters are not finite, or when a loss exceeds ``max_loss`` (a divergence that stays
+  finite)."""
+  axes = axes or streams
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     g = gradients(state.params, state.batch_stats, batch, jax.random.fold_in(state.rng, state.step))
     updates, opt_state = tx.update(g.grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    metrics = {f"loss/{s}": g.losses[i] for i, s in enumerate(streams)}
+    metrics = {f"loss/{s}": g.losses[i] for i, s in enumerate(axes)}
     metrics |= g.metrics
-    metrics |= stream_metrics(g.grads, streams)
+    metrics |= stream_metrics(g.grads, axes)
     metrics |= diagnostics(opt_state)
     metrics["loss/total"] = jnp.sum(g.losses)
     metrics["update_norm"] = tree_norm(updates)

@@ -95,12 +95,18 @@ class Attention(nn.Module):
       raise ValueError(f"width {d} is not divisible by {self.num_heads} heads")
     qkv = nn.Dense(3 * d, dtype=self.dtype, name="in_proj")(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    if q.dtype == jnp.float64:  # dot_product_attention takes its softmax in float32
+      scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(d // self.num_heads)
+      if causal:
+        scores = jnp.where(jnp.tril(jnp.ones((n, n), bool)), scores, -jnp.inf)
+      out = jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(scores, axis=-1), v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
     out = nn.Dense(d, dtype=self.dtype, name="out_proj")(out.reshape(b, n, d))
     if not record:
       return out
     scores = jnp.einsum("bhe,bnhe->bhn", q[:, 0], k) / math.sqrt(d // self.num_heads)
-    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    weights = jax.nn.softmax(scores.astype(jnp.promote_types(scores.dtype, jnp.float32)), axis=-1)
     return out, {"cls_attn": weights, "cls_out": out[:, 0]}
 
 
@@ -124,7 +130,8 @@ class ResidualAttentionBlock(nn.Module):
   MLP on the same input, ``x + mlp(h) + branch(h, domain)`` with h = ln_2(x) (GM-DF's expert
   branch, ``csdfd_jax.models.gmdf``; ``domain`` is the per-sample code it is conditioned on).
   With ``record`` it returns ``(out, record)``: ln_1's per-token std ``ln1_std`` [B, N], the
-  MLP output ``mlp_out`` [B, N, d] and the attention's ``cls_attn`` and ``cls_out``."""
+  MLP output ``mlp_out`` [B, N, d], the attention's ``cls_attn`` and ``cls_out`` and, with a
+  branch, the RMS of the branch's output ``branch_rms`` []."""
 
   num_heads: int
   mlp_ratio: float = 4.0
@@ -144,7 +151,8 @@ class ResidualAttentionBlock(nn.Module):
   ):
     rec = {}
     if record:  # ln_1's statistic (LayerNorm eps 1e-5), for GM-DF's Eq. 7
-      rec["ln1_std"] = jnp.sqrt(jnp.var(x.astype(jnp.float32), axis=-1) + 1e-5)
+      up = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+      rec["ln1_std"] = jnp.sqrt(jnp.var(up, axis=-1) + 1e-5)
     y = self.norm(dtype=self.dtype, name="ln_1")(x)
     attn = Attention(self.num_heads, self.dtype, name="attn")(y, causal=causal, record=record)
     if record:
@@ -156,7 +164,10 @@ class ResidualAttentionBlock(nn.Module):
     mlp = Mlp(hidden, self.quick_gelu, self.dtype, name="mlp")(y)
     out = x + mlp
     if self.branch is not None:
-      out = out + self.branch(dtype=self.dtype, name="branch")(y, domain)
+      extra = self.branch(dtype=self.dtype, name="branch")(y, domain)
+      out = out + extra
+      if record:
+        rec["branch_rms"] = jnp.sqrt(jnp.mean(jnp.square(extra.astype(jnp.float32))))
     if not record:
       return out
     return out, rec | {"mlp_out": mlp}
@@ -216,7 +227,9 @@ class VisionTransformer(nn.Module):
   into "intermediates". ``train`` is the backbone interface's flag; CLIP has no dropout.
   ``branch`` adds a module beside every block's MLP (``ResidualAttentionBlock``), conditioned on
   ``domain`` [B, k] (None: the wildcard, as eval and predict call it). ``record=True`` returns
-  ``(output, tokens after return_layers, per-block records)`` (GM-DF's Eq. 7 reads them)."""
+  ``(output, tokens after return_layers, per-block records)`` (GM-DF's Eq. 7 reads them).
+  ``mask`` [B, grid * grid] (bool) replaces the masked patches' embeddings by ``mask_token``
+  [width] before the position embeddings are added (masked image modelling, SimMIM-style)."""
 
   image_size: int
   patch_size: int
@@ -240,6 +253,8 @@ class VisionTransformer(nn.Module):
     return_layers: Sequence[int] = (),
     domain: jnp.ndarray | None = None,
     record: bool = False,
+    mask: jnp.ndarray | None = None,
+    mask_token: jnp.ndarray | None = None,
   ) -> jnp.ndarray | tuple:
     p, w, grid = self.patch_size, self.width, self.image_size // self.patch_size
     h, wd = x.shape[1:3]
@@ -258,7 +273,12 @@ class VisionTransformer(nn.Module):
     patch_pos = resample_pos_embed(pos[1:].reshape(grid, grid, w), (gh, gw))
     pos = jnp.concatenate([pos[:1], patch_pos.reshape(gh * gw, w)]).astype(self.dtype)
     cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, w))
-    x = jnp.concatenate([cls, x.reshape(b, gh * gw, w)], axis=1) + pos
+    x = x.reshape(b, gh * gw, w)
+    if mask is not None:
+      if mask_token is None or mask.shape != (b, gh * gw):
+        raise ValueError(f"mask {mask.shape} needs shape ({b}, {gh * gw}) and a mask_token")
+      x = jnp.where(mask[..., None], mask_token.astype(self.dtype), x)
+    x = jnp.concatenate([cls, x], axis=1) + pos
     x = layer_norm(dtype=self.dtype, name="ln_pre")(x)
     x, layers, *records = _trunk(self)(x, return_layers=return_layers, domain=domain, record=record)
     self.sow("intermediates", "features", x)

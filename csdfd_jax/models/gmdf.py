@@ -57,7 +57,7 @@ class DNorm(nn.Module):
     beta0 = self.param("beta0", init, (c,), jnp.float32)
     w_gamma = self.param("w_gamma", init, (self.domain_dims, c), jnp.float32)
     w_beta = self.param("w_beta", init, (self.domain_dims, c), jnp.float32)
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     x_hat = (x32 - mean) * jax.lax.rsqrt(var + EPS)
@@ -68,7 +68,7 @@ class DNorm(nn.Module):
           f"DNorm: domain codes {domain.shape}, expected ({x.shape[0]}, {self.domain_dims})"
         )
       middle = (1,) * (x.ndim - 2)
-      d = domain.astype(jnp.float32)
+      d = domain.astype(x32.dtype)
       scale = scale + (d @ w_gamma).reshape(x.shape[0], *middle, c)
       shift = shift + (d @ w_beta).reshape(x.shape[0], *middle, c)
     return (x_hat * scale + shift).astype(self.dtype)
@@ -81,7 +81,8 @@ def aggregate_experts(experts: jnp.ndarray) -> jnp.ndarray:
   scores = jnp.einsum("...nd,...md->...nm", experts, experts) / jnp.sqrt(
     jnp.asarray(d, jnp.float32)
   )
-  weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(experts.dtype)
+  up = jnp.promote_types(experts.dtype, jnp.float32)
+  weights = jax.nn.softmax(scores.astype(up), axis=-1).astype(experts.dtype)
   return jnp.mean(jnp.einsum("...nm,...md->...nd", weights, experts), axis=-2)
 
 
@@ -133,7 +134,8 @@ def prompt_slots(domain_embeds: jnp.ndarray, class_embeds: jnp.ndarray):
 def temperatures(domain_embeds: jnp.ndarray, tau_base: float = 0.07, phi: float = 0.01):
   """Eq. 10: tau_d = tau_base + phi ||e_dom^d||, per domain row (0: the wildcard). The paper
   gives neither value; 0.07 is CLIP's initial temperature and phi = 0.01 our choice."""
-  return tau_base + phi * jnp.linalg.norm(domain_embeds.astype(jnp.float32), axis=-1)
+  e = domain_embeds.astype(jnp.promote_types(domain_embeds.dtype, jnp.float32))
+  return tau_base + phi * jnp.linalg.norm(e, axis=-1)
 
 
 SIS = ("paper", "paper+wildcard")
@@ -198,7 +200,8 @@ def second_order_effects(
   for block in layers:
     if not 0 <= block < num_blocks - 1:
       raise ValueError(f"second-order layer {block}: needs a later block among 0..{num_blocks - 1}")
-    m = records[block]["mlp_out"].astype(jnp.float32)  # [B, T, d]
+    m = records[block]["mlp_out"]
+    m = m.astype(jnp.promote_types(m.dtype, jnp.float32))  # [B, T, d]
     centred = m - jnp.mean(m, axis=-1, keepdims=True)
     total = 0.0
     for later in range(block + 1, num_blocks):
@@ -242,6 +245,7 @@ class GMDF(nn.Module):
   tau_base: float = 0.07
   phi: float = 0.01
   context_length: int = 77
+  mim: bool = True  # the training-only MIM parameters (mask token, pixel head; ``mim_loss``)
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -267,10 +271,19 @@ class GMDF(nn.Module):
     ]
     self.so_alpha = self.param("so_alpha", nn.initializers.zeros, (len(self.so_layers),))
     self.heads = cfg["vision"]["heads"]
+    vision, pixels = cfg["vision"], 3 * cfg["vision"]["patch_size"] ** 2
+    if self.mim:
+      self.mim_token = self.param("mim_token", init, (vision["width"],))
+      self.mim_kernel = self.param("mim_kernel", init, (vision["width"], pixels))
+      self.mim_bias = self.param("mim_bias", nn.initializers.zeros, (pixels,))
     from csdfd_jax.models import clip_tokenizer  # the vocabulary file is needed from here on
 
     ids, self.slots = template_ids(clip_tokenizer.Tokenizer(), self.context_length)
     self.template = ids
+
+  @property
+  def patch_size(self) -> int:
+    return clip._config(self.variant)["vision"]["patch_size"]
 
   def prompts(self) -> jnp.ndarray:
     """The (domain, class) prompt embeddings [D + 1, 2, e], row 0 the wildcard."""
@@ -282,8 +295,8 @@ class GMDF(nn.Module):
     )
     return u.reshape(n, 2, -1)
 
-  def __call__(self, images, *, train: bool = False, domain_ids=None, aux: bool = False):
-    del train  # no dropout
+  def _inputs(self, images, domain_ids):
+    """CLIP-normalised images and the per-sample domain codes (None: the wildcard)."""
     mean = jnp.asarray(clip.CLIP_MEAN, jnp.float32) * 255.0
     std = jnp.asarray(clip.CLIP_STD, jnp.float32) * 255.0
     x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
@@ -292,6 +305,36 @@ class GMDF(nn.Module):
     if ids is not None:
       table = jnp.concatenate([jnp.zeros((1, self.domain_dim)), self.domain_codes], axis=0)
       codes = table[ids]  # row 0: the wildcard's zero code
+    return x, ids, codes
+
+  def mim_loss(self, images, mask, domain_ids=None):
+    """L_mim, our substitute for Eq. 6 (notes 3.5 item 11; the paper's dVAE tokenizer is not
+    available): the patches where ``mask`` [B, N] is True enter the image tower as the learned
+    mask token, a linear head on the last block's patch tokens predicts their pixels, and the
+    loss is the mean squared error to the per-patch normalised pixels (MAE's norm_pix) of the
+    masked patches only. The masked pass uses each sample's domain code."""
+    if not self.mim:
+      raise ValueError("GMDF(mim=False) has no MIM parameters")
+    x, _, codes = self._inputs(images, domain_ids)
+    last = self.visual.layers - 1
+    _, (tokens,) = self.visual(
+      x, domain=codes, return_layers=(last,), mask=mask, mask_token=self.mim_token
+    )
+    up = jnp.promote_types(tokens.dtype, jnp.float32)
+    pred = tokens[:, 1:].astype(up) @ self.mim_kernel + self.mim_bias
+    target = patchify(x.astype(up), self.patch_size)
+    mean = jnp.mean(target, axis=-1, keepdims=True)
+    var = jnp.var(target, axis=-1, keepdims=True)
+    target = (target - mean) * jax.lax.rsqrt(var + 1e-6)
+    per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
+    weight = mask.astype(up)
+    return jnp.sum(per_patch * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+  def __call__(self, images, *, train: bool = False, domain_ids=None, aux: bool = False):
+    del train  # no dropout
+    x, ids, codes = self._inputs(images, domain_ids)
+    if self.mim and self.is_initializing():  # the training-only parameters exist from init
+      _ = self.mim_token, self.mim_kernel, self.mim_bias
     z, _, records = self.visual(x, domain=codes, record=True)
     if self.so_layers:
       params = self.visual.variables["params"]
@@ -307,5 +350,88 @@ class GMDF(nn.Module):
     sims = jnp.einsum("be,bke->bk", vn, un[d])  # [B, 2]: real, fake prompts of the domain
     logit = (sims[:, 1] - sims[:, 0]) / tau[d]
     if aux:
-      return logit, {"v": v, "u": u, "tau": tau}
+      rms = jnp.mean(jnp.stack([r["branch_rms"] for r in records]))
+      return logit, {"v": v, "u": u, "tau": tau, "branch_rms": rms}
     return logit
+
+
+TRAINING_ONLY = ("mim_token", "mim_kernel", "mim_bias")  # GMDF parameters inference never reads
+
+
+def patchify(x: jnp.ndarray, patch: int) -> jnp.ndarray:
+  """[B, H, W, C] -> [B, (H/p)(W/p), p * p * C], patches in the row-major order of the image
+  tower's tokens."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def random_mask(rng: jax.Array, batch: int, tokens: int, ratio: float) -> jnp.ndarray:
+  """[batch, tokens] bool with exactly ``round(ratio * tokens)`` (at least 1) True per row at
+  uniformly random positions (random masking; GM-DF's Fig. 4 finds 20% best)."""
+  if not 0.0 < ratio < 1.0:
+    raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
+  k = max(1, round(ratio * tokens))
+  ranks = jnp.argsort(jnp.argsort(jax.random.uniform(rng, (batch, tokens)), axis=-1), axis=-1)
+  return ranks < k
+
+
+E, O, FROZEN = "E", "O", "frozen"  # noqa: E741 - the paper's theta_E / theta_O
+GROUPS = (E, O, FROZEN)
+
+
+def param_labels(params: dict, *, freeze_text: bool = True) -> dict:
+  """The parameter groups of the Meta-Domain-Embedding Optimizer (notes 3.5 items 4, 9, 13), a
+  tree like ``params`` of labels: "E" (theta_E: the experts, DNorm's W_gamma and W_beta, the
+  domain codes and the prompts' domain embeddings), "frozen" (the text tower, with
+  ``freeze_text``) and "O" (theta_O: everything else, DNorm's base affine gamma0/beta0
+  included, the class embeddings, the second-order norms and weights, the MIM head)."""
+
+  def label(path, _):
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if keys[0] == "text":
+      return FROZEN if freeze_text else O
+    if keys[0] in ("domain_codes", "domain_embeds"):
+      return E
+    if "branch" in keys and keys[-1] not in ("gamma0", "beta0"):
+      return E
+    return O
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def class_token_ids(tokenizer) -> tuple[int, int]:
+  """The token ids of "real" and "fake", whose embeddings start e_cls (notes 3.5 item 9)."""
+  (real,), (fake,) = tokenizer.encode("real"), tokenizer.encode("fake")
+  return real, fake
+
+
+def init_from_clip(params: dict, clip_params: dict, tokenizer) -> dict:
+  """GMDF ``params`` with both CLIP towers taken from ``clip_params`` (``convert_*(...,
+  num_classes=None)``: {"visual", "text"[, "logit_scale"]}, strictly: every CLIP leaf the GMDF
+  towers have, nothing more, same shapes; the expert branches keep their zero init) and the
+  class embeddings set to the text tower's embeddings of "real" and "fake"."""
+  from flax import traverse_util
+
+  from csdfd_jax.models import weights
+
+  for tower in ("visual", "text"):
+    if tower not in clip_params:
+      raise weights.WeightMappingError(
+        f"the CLIP weights hold no {tower!r} tower: convert both towers (omit --num-classes)"
+      )
+  flat = traverse_util.flatten_dict(params)
+  expected = {k: v for k, v in flat.items() if k[0] in ("visual", "text") and "branch" not in k}
+  loaded = traverse_util.flatten_dict({t: clip_params[t] for t in ("visual", "text")})
+  weights.check_tree_matches(
+    traverse_util.unflatten_dict(expected), traverse_util.unflatten_dict(loaded), "CLIP weights"
+  )
+  flat |= {k: jnp.asarray(v, flat[k].dtype) for k, v in loaded.items()}
+  return init_class_embeds(traverse_util.unflatten_dict(flat), tokenizer)
+
+
+def init_class_embeds(params: dict, tokenizer) -> dict:
+  """``params`` with e_cls = the text tower's token embeddings of "real" and "fake"."""
+  table = params["text"]["token_embedding"]["embedding"]
+  ids = jnp.asarray(class_token_ids(tokenizer))
+  return dict(params, class_embeds=table[ids].astype(params["class_embeds"].dtype))
