@@ -20,9 +20,10 @@ Protocols (``--config=configs/gmdf.py:<one of these>[,<options>]``):
              test on the fourth and DFDC, e.g. ``python eval.py --workdir=W
              --test_sets=wdf=R@wilddeepfake,dfdc=R@dfdc`` (eval.py prints AUC, EER and M_EER).
              Build the training records from one face store holding the three datasets
-             (``python -m csdfd_jax.data.preprocess`` once per layout into the same --store,
-             then ``python -m csdfd_jax.data.builder``). DFF (diffusion faces) has no indexer
-             here: lay it out for the ``folder`` layout with ``--name dff``.
+             (``python -m csdfd_jax.data.preprocess`` once per layout into the same --out
+             store, then ``python -m csdfd_jax.data.builder``). DFF (diffusion faces) has no
+             indexer here: lay it out as ``<root>/{train,val,test}/{real,fake}/`` and use the
+             generic layout, ``--dataset folder --option dataset=dff``.
   single_ffpp  Tables 1-3: FF++ alone; its four manipulations are the domains (meta-learning
              needs at least two), every domain sharing FF++'s reals.
   gid_df, gid_f2f  Table 2: three FF++ manipulations as domains, the fourth held out.
