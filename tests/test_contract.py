@@ -169,6 +169,7 @@ def test_exact_conflict_gradient_matches_reverse_over_reverse_in_float64(k):
     assert cosine > 0.99999 and abs(float(jnp.linalg.norm(got) / jnp.linalg.norm(ref)) - 1) < 1e-5
 
 
+@pytest.mark.slow  # a minute of training compiles; the exact gradient is checked in float64 above
 def test_exact_cgr_trains_and_its_term_is_not_negligible(records, tmp_path):
   """Eq. 24's correction is ~1e-6 of g1 + g2 on this head (``cgr_correction_ratio`` of the
   other tests' runs); the exact term, at weight 1, is of the order of the gradient itself."""

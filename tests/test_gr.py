@@ -190,7 +190,12 @@ FAMILIES = [("resnet", "tiny", 32), ("convnext", "tiny", 32), ("efficientnet", "
 FAMILIES += [("xception", "tiny", 64), ("vit", "tiny", 64)]
 
 
-@pytest.mark.parametrize("family,variant,size", FAMILIES, ids=[f[0] for f in FAMILIES])
+# The ConvNeXt, EfficientNet and Xception cases (about a minute together) run under -m slow.
+@pytest.mark.parametrize(
+  "family,variant,size",
+  [f if f[0] in ("resnet", "vit") else pytest.param(*f, marks=pytest.mark.slow) for f in FAMILIES],
+  ids=[f[0] for f in FAMILIES],
+)
 def test_every_familys_default_site_exists_and_fires_once(family, variant, size):
   from csdfd_jax.models.heads import Detector
 
@@ -223,6 +228,7 @@ def test_an_unknown_site_is_a_clear_error():
     gr.default_sites("mlp")
 
 
+@pytest.mark.slow  # about 40 s of compiles
 def test_running_statistics_come_from_the_clean_pass_and_inference_is_untouched():
   from csdfd_jax.models import resnet
   from csdfd_jax.models.heads import Detector
@@ -318,7 +324,11 @@ def test_one_update_agrees_with_algorithm_1_in_torch():
   assert float(g.metrics["pim/delta_norm/o"]) == pytest.approx(r, rel=1e-9)
 
 
-@pytest.mark.parametrize("method, streams", [("gr", "o,s"), ("dualflat", "s")])
+# DualFlat's step is GR's plus a SAM pass (its gradient is tested above); its loop run, another
+# 75 s of compiles here, is under -m slow.
+@pytest.mark.parametrize(
+  "method, streams", [("gr", "o,s"), pytest.param("dualflat", "s", marks=pytest.mark.slow)]
+)
 def test_trains_through_the_loop_and_eval_and_predict_read_the_checkpoint(
   peer_records, tmp_path, method, streams
 ):

@@ -270,6 +270,7 @@ def _variables(model, batch):
   return variables["params"], variables["batch_stats"]
 
 
+@pytest.mark.slow  # about 2.5 minutes of float64 double-backward compiles
 def test_exact_mode_on_a_batchnorm_relu_resnet_matches_reverse_over_reverse():
   """Autodiff of the explicit objective, not finite differences (ReLU kinks). """ + KINKS
   with jax.enable_x64(True):
@@ -307,6 +308,7 @@ def test_exact_mode_on_a_batchnorm_relu_resnet_matches_reverse_over_reverse():
     assert float(jnp.linalg.norm(diff) / jnp.linalg.norm(ref)) > 1e-3
 
 
+@pytest.mark.slow  # about a minute of compiles
 def test_running_statistics_come_from_the_clean_passes():
   model = _resnet_detector()
   streams = STREAMS[:2]
@@ -330,6 +332,7 @@ def test_running_statistics_come_from_the_clean_passes():
     assert not np.allclose(_flat(moved), _flat(want), rtol=1e-3)  # they do depend on theta
 
 
+@pytest.mark.slow  # about 40 s of compiles
 def test_the_perturbed_pass_reuses_the_clean_pass_rng():
   """With drop path on and rho = 0, the perturbed gradient is the clean one only if both
   passes draw the same drop-path masks."""
@@ -409,9 +412,15 @@ def test_one_update_agrees_with_a_torch_double_backprop_of_eq6():
 # ------------------------------------------------------------------ through the loop
 
 
-@pytest.mark.parametrize("method", ["sam", "roga"])
+# RoGA's exact mode compiles a double backward pass through the detector: about 3.5 minutes
+# here, so the default suite runs the loop in first_order mode and the exact mode's gradient is
+# proven by the float64 tests above.
+@pytest.mark.parametrize(
+  "method, mode",
+  [("sam", None), ("roga", "first_order"), pytest.param("roga", "exact", marks=pytest.mark.slow)],
+)
 def test_trains_through_the_loop_and_eval_and_predict_read_the_checkpoint(
-  peer_records, tmp_path, method
+  peer_records, tmp_path, method, mode
 ):
   from peer_e2e import train_eval_predict
   from test_train import tiny_config
@@ -420,6 +429,8 @@ def test_trains_through_the_loop_and_eval_and_predict_read_the_checkpoint(
   config.train.checkpoint_every = 2
   if method == "sam":
     config.sam.base = "O+S"
+  else:
+    config.roga.mode = mode
   rows, predictor = train_eval_predict(config, peer_records, tmp_path)
   for r in rows:
     for s in ("o", "s"):

@@ -60,10 +60,13 @@ def saved_params(workdir: str, step: int | None = None, sub: str = "checkpoints"
 
 
 # csdfd runs in bfloat16 here (the GPU setting); the resume and data-parallel tests run it
-# in float32.
+# in float32. Each run is about a minute of compiles on two cores: O+S and csdfd (which holds
+# both uvs and cgr) run by default; O, S, uvs and cgr alone, whose steps test_methods checks,
+# run under -m slow.
 @pytest.mark.parametrize(
   "method, dtype",
-  [(m, "float32") for m in ("O", "S", "O+S", "uvs", "cgr")] + [("csdfd", "bfloat16")],
+  [pytest.param(m, "float32", marks=pytest.mark.slow) for m in ("O", "S", "uvs", "cgr")]
+  + [("O+S", "float32"), ("csdfd", "bfloat16")],
 )
 def test_every_method_trains_and_eval_reads_its_checkpoint(records, tmp_path, method, dtype):
   workdir = str(tmp_path / "run")
