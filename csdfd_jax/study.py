@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from csdfd_jax import metrics
+
 BOOTSTRAP_SAMPLES = 1000
 RUNS = "runs"
 
@@ -141,14 +143,6 @@ def evaluate_run(run: Run, config) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- aggregation
 
 
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-  from sklearn.metrics import roc_auc_score
-
-  if labels.min() == labels.max():
-    return float("nan")
-  return float(roc_auc_score(labels, scores))
-
-
 def bootstrap_seed_mean(videos: list[dict], samples: int, seed: int) -> np.ndarray:
   """[samples] replicates of the seed-averaged video AUC (%). ``videos`` holds one run's
   per-video {"media_id", "label", "score"} per seed; where every seed scored the same videos,
@@ -157,15 +151,14 @@ def bootstrap_seed_mean(videos: list[dict], samples: int, seed: int) -> np.ndarr
   rng = np.random.default_rng(seed)
   paired = all(v["media_id"] == videos[0]["media_id"] for v in videos)
   arrays = [(np.asarray(v["label"]), np.asarray(v["score"], np.float64)) for v in videos]
-  out = np.empty(samples)
-  for b in range(samples):
-    shared = rng.integers(0, len(arrays[0][0]), len(arrays[0][0])) if paired else None
-    aucs = []
-    for labels, scores in arrays:
-      idx = shared if paired else rng.integers(0, len(labels), len(labels))
-      aucs.append(_auc(labels[idx], scores[idx]))
-    out[b] = 100 * np.mean(aucs)
-  return out
+  if paired:
+    shared = rng.integers(0, len(arrays[0][0]), (samples, len(arrays[0][0])))
+    draws = [shared] * len(arrays)
+  else:  # the draws in the order of one replicate after another, seed by seed within each
+    rows = [[rng.integers(0, len(y), len(y)) for y, _ in arrays] for _ in range(samples)]
+    draws = [np.stack([r[k] for r in rows]) for k in range(len(arrays))]
+  aucs = [metrics.resampled_auc(y, s, d) for (y, s), d in zip(arrays, draws, strict=True)]
+  return 100 * np.mean(aucs, axis=0)
 
 
 def _cell(values: list[float], replicates: np.ndarray) -> dict[str, Any]:

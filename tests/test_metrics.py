@@ -77,6 +77,44 @@ def test_bootstrap_interval_contains_the_auc():
   assert lo < auc < hi and hi - lo < 0.3
 
 
+def test_resampled_auc_is_sklearns_auc_row_by_row():
+  """Ties (rounded scores), repeated items, one-class resamples (NaN) and several chunks."""
+  from sklearn.metrics import roc_auc_score
+
+  rng = np.random.default_rng(1)
+  y = rng.integers(0, 2, 30)
+  s = np.round(y * 0.4 + rng.normal(0, 0.5, 30), 1)
+  idx = rng.integers(0, 30, (300, 30))
+  idx[7] = np.flatnonzero(y == 1)[0]  # one item 30 times: a single class
+  idx[8, :2] = np.flatnonzero(y == 0)[:2]
+  idx[8, 2:] = np.flatnonzero(y == 1)[0]  # two reals and one fake repeated: all ties but two
+  want = [roc_auc_score(y[i], s[i]) if y[i].min() != y[i].max() else np.nan for i in idx]
+  got = metrics.resampled_auc(y, s, idx)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+  assert np.isnan(got[7]) and np.isfinite(got).sum() == 299
+  for chunk in (1, 30, 100):  # a row at a time, and 3 rows a chunk with a short last one
+    np.testing.assert_array_equal(metrics.resampled_auc(y, s, idx, chunk=chunk), got)
+
+
+def test_bootstrap_interval_is_the_per_sample_sklearn_loop():
+  """The vectorised bootstrap draws the resamples of the loop it replaced, in order."""
+  from sklearn.metrics import roc_auc_score
+
+  rng = np.random.default_rng(2)
+  y = np.array([0, 0, 0, 0, 1, 1])
+  s = y * 0.3 + rng.normal(0, 0.5, 6)
+  draws = np.random.default_rng(5)
+  loop = []
+  for _ in range(400):
+    i = draws.integers(0, 6, 6)
+    if y[i].min() != y[i].max():
+      loop.append(roc_auc_score(y[i], s[i]))
+  assert len(loop) < 400  # some resamples of 6 items hold one class and are left out
+  lo, hi = metrics.bootstrap_auc(y, s, samples=400, seed=5)
+  assert lo == pytest.approx(np.quantile(loop, 0.025), abs=1e-12)
+  assert hi == pytest.approx(np.quantile(loop, 0.975), abs=1e-12)
+
+
 def test_prior_error_rate_on_known_far_frr_curves():
   """Reals uniform on [0, 1), fakes uniform on [0.5, 1.5): FRR(t) = 1 - t, FAR(t) = t - 0.5, so
   P FRR = (1 - P) FAR at t* = 0.5 + P / 2 and EER_P = P (1 - P); P = 0.5 is the EER (0.25).
