@@ -40,6 +40,7 @@ needs_data = pytest.mark.skipif(
 
 def tiny_config(records: str = ""):
   config = effnet.get_config("demo")
+  config.model.name, config.model.variant = "resnet", "tiny"  # as test_train.TINY_MODEL
   config.data.demo = False
   config.data.records = records
   config.data.image_size = 32
