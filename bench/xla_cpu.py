@@ -1,12 +1,9 @@
-"""Three XLA:CPU slow paths the project works around, each against its replacement in one run.
+"""Two XLA:CPU slow paths the project works around, each against its replacement in one run.
 
   stream sum   jnp.sum(g, axis=0) over the 2-stream axis vs g[0] + g[1] (transforms.stream_sum),
                on stacked gradients of an efficientnet_b0 Detector-sized tree
   1x1 conv     lax.conv_general_dilated with a 1x1 kernel vs the channel matrix product that
                efficientnet.Pointwise computes, forward + backward, at EfficientNet-B0 shapes
-  per stream   the stacked O+S gradients of methods.step.per_stream (one pass per stream, a
-               Python unroll) vs the same passes under jax.vmap over the stream axis, on the
-               demo's tiny EfficientNet and the tiny ResNet at 64 px, 16 images per stream
   b0 step      forward + backward of efficientnet_b0 at 128 px, batch 16 (run it on two
                commits to compare model changes)
 
@@ -26,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from csdfd_jax.methods import step as step_lib
-from csdfd_jax.models import efficientnet, heads, resnet
+from csdfd_jax.models import efficientnet
 from csdfd_jax.transforms import stream_sum
 
 
@@ -65,46 +61,6 @@ def main() -> None:
     old, new = (median_ms(lambda f=f, a=a, w=w: f(a, w), args.reps) for f in fb)
     shape = f"{h}x{h} {cin}->{cout}"
     print(f"1x1 conv fwd+bwd {shape}: conv {old:.1f} ms, dot {new:.1f} ms: {old / new:.1f}x")
-
-  streams = ("o", "s")
-  rng = np.random.default_rng(0)
-  batch = {
-    s: {
-      "image": jnp.asarray(rng.integers(0, 256, (16, 64, 64, 3)), jnp.uint8),
-      "label": jnp.asarray(np.tile([0, 1], 8), jnp.int32),
-    }
-    for s in streams
-  }
-  for name, backbone in (
-    ("tiny EfficientNet", efficientnet.create("tiny", num_classes=0)),
-    ("tiny ResNet", resnet.create("tiny", num_classes=0)),
-  ):
-    net = heads.Detector(backbone, mean=(0.5,) * 3, std=(0.5,) * 3, projection_dims=(64, 64))
-    v = jax.jit(lambda n=net: n.init(jax.random.key(0), batch["o"]["image"][:1], train=False))()
-    stream_grad = step_lib.bce(net)
-    unrolled = step_lib.per_stream(stream_grad, streams)
-    vmapped_grad = jax.vmap(stream_grad, in_axes=(None, None, 0, 0))
-
-    def vmapped(params, state, batch, key, g=vmapped_grad):
-      stacked = step_lib.stack_batch(batch, streams)
-      return g(params, state, stacked, step_lib.stream_rngs(key, streams))[:2]
-
-    def unrolled_fn(params, state, batch, key, f=unrolled):
-      out = f(params, state, batch, key)
-      return out.losses, out.grads
-
-    fns = [jax.jit(unrolled_fn), jax.jit(vmapped)]
-    args_ = (v["params"], v["batch_stats"], batch, jax.random.key(1))
-    compile_s = []
-    for f in fns:
-      start = time.perf_counter()
-      f.lower(*args_).compile()
-      compile_s.append(time.perf_counter() - start)
-    new, old = (median_ms(lambda f=f, a=args_: f(*a), args.reps) for f in fns)
-    print(
-      f"per-stream O+S gradients, {name} 64 px 2x16: vmap {old:.0f} ms, unroll {new:.0f} ms: "
-      f"{old / new:.1f}x (compile vmap {compile_s[1]:.0f} s, unroll {compile_s[0]:.0f} s)"
-    )
 
   y = jnp.asarray(np.tile([0.0, 1.0], 8))
 

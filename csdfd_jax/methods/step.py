@@ -9,16 +9,12 @@ follows. ``make_step`` keeps everything generic around that: the finite guard, t
 stream Gram metrics, the method's diagnostics, the learning rate; no method is named here.
 
 ``bce`` is the gradient of one stream's binary cross-entropy on one fake logit, and
-``per_stream`` turns any such stream gradient into a ``GradFn`` over K streams: one pass per
-stream, each on its own sub-batch (its own reals), so the stacked gradients cost K half-size
-backward passes, not K full ones (DESIGN). Every stream normalises with its own BatchNorm batch
-statistics, as a separate forward pass does. The K passes are a Python unroll, not a
-``jax.vmap`` over the stream axis (RoGA's and GR's passes were unrolled already): under vmap the
-parameter gradients become batched convolutions, which XLA:CPU runs as slower grouped
-convolutions (``bench/xla_cpu.py``, 2 x 16 images at 64 px: 1.2x faster unrolled on the demo's tiny
-EfficientNet, 1.6x on the tiny ResNet; compiling takes 20 s against 16 s and 6 s against 7 s).
-A method that needs extra forward passes (SAM-like perturbations) keeps the BatchNorm statistics
-of its clean pass and discards the others.
+``per_stream`` turns any such stream gradient into a ``GradFn`` over K streams: ``jax.vmap``
+over the stream axis, so each stream k has its own sub-batch (its own reals) and the stacked
+gradients cost K half-size backward passes, not K full ones (DESIGN). Inside the vmap every
+stream normalises with its own BatchNorm batch statistics, exactly as if it were a separate
+forward pass. A method that needs extra forward passes (SAM-like perturbations) keeps the
+BatchNorm statistics of its clean pass and discards the others.
 
 BatchNorm running statistics: each stream's forward proposes updated running statistics;
 the new running statistics are their mean over the streams. For an EMA with momentum m this
@@ -177,14 +173,14 @@ def mean_stats(stats: PyTree) -> PyTree:
 
 def per_stream(stream_grad: StreamGradFn, streams: tuple[str, ...]) -> GradFn:
   """The stacked gradients of ``stream_grad`` over ``streams``, each on its own sub-batch
-  (one unrolled pass per stream), with one rng per stream and the BatchNorm proposals averaged
-  (module docstring). Scalar aux values are logged as ``<name>/<stream>``; the rest stay in
-  ``Gradients.aux`` stacked over the streams."""
+  (one vmap), with one rng per stream and the BatchNorm proposals averaged (module docstring).
+  Scalar aux values are logged as ``<name>/<stream>``; the rest stay in ``Gradients.aux``
+  stacked over the streams."""
+  vmapped = jax.vmap(stream_grad, in_axes=(None, None, 0, 0))
 
   def gradients(params, model_state, batch, rng) -> Gradients:
-    rngs = stream_rngs(rng, streams)
-    passes = [stream_grad(params, model_state, batch[s], rngs[i]) for i, s in enumerate(streams)]
-    losses, grads, stats, aux = jax.tree.map(lambda *xs: jnp.stack(xs), *passes)
+    stacked = stack_batch(batch, streams)
+    losses, grads, stats, aux = vmapped(params, model_state, stacked, stream_rngs(rng, streams))
     metrics = {
       f"{k}/{s}": v[i] for k, v in aux.items() if v.ndim == 1 for i, s in enumerate(streams)
     }
