@@ -93,6 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # workdir; a folder shared by many runs, as the study command does, builds it once per seed).
   config.data.seed = 0
   config.data.cache = ""
+  # Demo data factors (1 = the design in csdfd_jax/data/demo.py): the identities' skin grain and
+  # the "gan" fingerprint's amplitude. 2.5 and 2 with the tiny ResNet is the README's candidate.
+  config.data.demo_grain = 1.0
+  config.data.demo_fingerprint = 1.0
   # Fakes of stream O: "five" = FF++'s Deepfakes, Face2Face, FaceSwap, NeuralTextures and
   # FaceShifter (paper Sec. V-A); "four" = without FaceShifter; "A+B" names domains; "" = all.
   config.data.fake_domains = "five"

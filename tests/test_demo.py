@@ -85,6 +85,37 @@ def test_deterministic_bytes(small_store, tmp_path):
   assert (other / "index.jsonl").read_bytes() != (again / "index.jsonl").read_bytes()
 
 
+def test_grain_and_fingerprint_factors_change_only_what_they_scale(small_store, tmp_path):
+  strong = demo.make_demo_store(tmp_path / "fp", seed=1, fingerprint_scale=2.0, **SMALL)
+  records = store.read_index(small_store)
+  assert records == store.read_index(strong)  # same faces, landmarks and masks
+  for r in records:
+    same = (small_store / r.path).read_bytes() == (strong / r.path).read_bytes()
+    assert same == (r.domain != "gan"), r.path  # only the gan fakes change
+    if r.domain == "gan":
+      diff = _image(strong, r.path).astype(int) - _image(small_store, r.path)
+      assert np.abs(diff).max() >= 4  # the fingerprint's extra 8-12 grey levels
+  summary = json.loads((strong / "summary.json").read_text())["demo"]
+  assert summary == {"seed": 1, **SMALL, "design": demo.DESIGN, "fingerprint_scale": 2.0}
+  grainy = demo.make_demo_store(tmp_path / "grain", seed=1, grain_scale=2.5, **SMALL)
+  reals = [r for r in records if r.label == 0]
+  assert all((small_store / r.path).read_bytes() != (grainy / r.path).read_bytes() for r in reals)
+  with pytest.raises(ValueError, match="grain_scale=0"):
+    demo.make_demo_store(tmp_path / "bad", grain_scale=0, **SMALL)
+
+  import sys
+
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  from configs import effnet
+  from csdfd_jax.data import protocols
+
+  config = effnet.get_config("demo")
+  config.data.cache = str(tmp_path / "cache")
+  assert protocols.data_dir(config, "w").endswith("demo_seed0")
+  config.data.demo_fingerprint = 2.0
+  assert protocols.data_dir(config, "w").endswith("demo_seed0_fingerprint2")
+
+
 def test_splits_disjoint(records):
   media = {}
   for r in records:

@@ -547,6 +547,7 @@ def gan_frame(
   size: int,
   rng: np.random.Generator,
   phase: tuple[float, float],
+  fingerprint_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """GAN-rendered reenactment of the clean target frame (image, landmarks, mask uint8): the
   target's own face re-rendered at full resolution with another expression, carrying the
@@ -564,7 +565,8 @@ def gan_frame(
   )
   img_e, lm_e = draw_face(target, scene, expr, size)
   # phase: fixed per video (the generator's grid relative to the aligned face)
-  gen = img_e.astype(np.float32) + fingerprint(size, phase, rng.uniform(8.0, 12.0))[..., None]
+  amplitude = fingerprint_scale * rng.uniform(8.0, 12.0)
+  gen = img_e.astype(np.float32) + fingerprint(size, phase, amplitude)[..., None]
   hull_pts = np.concatenate([lm_t[0:17], lm_t[17:27] + [0, -0.5 * frame.scale]])
   mask = _soft_hull(hull_pts, size, 0.92, 0.12 * frame.scale)
   mask = np.clip((mask - 0.02) / 0.98, 0, 1)  # exactly 0 far outside: the frame stays as it was
@@ -634,6 +636,8 @@ def make_demo_store(
   unseen: int = 16,
   frames: int = 4,
   families: tuple[str, ...] = DEFAULT_FAMILIES,
+  grain_scale: float = 1.0,
+  fingerprint_scale: float = 1.0,
   overwrite: bool = False,
 ) -> Path:
   """Writes the procedural demo face store and returns its path.
@@ -644,7 +648,9 @@ def make_demo_store(
   families ("swap", "reenact", see the module docstring) serve runs that need several
   manipulation streams, e.g. ``--config.data.streams=swap,reenact,sbi``; with "swap" among
   them, "demo_unseen" is no longer unseen. The store summary records the arguments and the
-  data `DESIGN`. Defaults: 640 crops of 64 px, about 10 s on one core. A store already built
+  data `DESIGN`. `grain_scale` multiplies every identity's skin grain and `fingerprint_scale`
+  the "gan" fingerprint's amplitude (1: the design above; config.data.demo_grain and
+  demo_fingerprint). Defaults: 640 crops of 64 px, about 10 s on one core. A store already built
   with the same arguments is returned as is; another non-empty directory is an error unless
   `overwrite`.
   """
@@ -655,6 +661,11 @@ def make_demo_store(
     if unknown or not families or len(set(families)) != len(families):
       raise ValueError(f"families={families!r}: distinct names from {sorted(FAMILY_DOMAIN)}")
     params["families"] = list(families)
+  for name, value in (("grain_scale", grain_scale), ("fingerprint_scale", fingerprint_scale)):
+    if not value > 0:
+      raise ValueError(f"{name}={value!r}: a positive factor (1: the default design)")
+    if value != 1.0:
+      params[name] = float(value)
   families_of = {"demo": tuple(families), "demo_unseen": ("swap",)}
   for name in ("train", "val", "test", "unseen"):
     if params[name] == 1 or params[name] < 0:
@@ -678,6 +689,8 @@ def make_demo_store(
   writer = store_lib.StoreWriter(store)
   total = train + val + test + unseen
   identities = [sample_identity(np.random.default_rng([seed, 0, i])) for i in range(total)]
+  if grain_scale != 1.0:
+    identities = [dataclasses.replace(i, grain=i.grain * grain_scale) for i in identities]
   plan, start = [], 0
   for dataset, split, n in (
     ("demo", "train", train),
@@ -704,7 +717,9 @@ def make_demo_store(
         if family == "swap":
           fake, lm_f, mask = swap_frame(image, lm, identities[src], scene, frame, size, rng)
         elif family == "gan":
-          fake, lm_f, mask = gan_frame(image, lm, identities[i], scene, frame, size, rng, phase)
+          fake, lm_f, mask = gan_frame(
+            image, lm, identities[i], scene, frame, size, rng, phase, fingerprint_scale
+          )
         else:
           fake, lm_f, mask = reenact_frame(image, lm, identities[i], scene, frame, size, rng)
         cam = np.random.default_rng([seed, 6, k, i, f])
