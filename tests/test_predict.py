@@ -28,6 +28,8 @@ from csdfd_jax.methods.step import create_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from test_train import TINY_MODEL  # noqa: E402
+
 from configs import effnet  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -40,7 +42,7 @@ needs_data = pytest.mark.skipif(
 
 def tiny_config(records: str = ""):
   config = effnet.get_config("demo")
-  config.model.name, config.model.variant = "resnet", "tiny"  # as test_train.TINY_MODEL
+  config.model.update(TINY_MODEL)
   config.data.demo = False
   config.data.records = records
   config.data.image_size = 32

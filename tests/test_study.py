@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
+from test_train import TINY_MODEL_FLAGS
 
 from csdfd_jax import study
 
@@ -104,8 +105,7 @@ def test_aggregate_cells_spread_and_target_average():
 # The tiny ResNet of the other end-to-end tests (test_train.TINY_MODEL): XLA compiles its steps
 # about 4x faster than the demo's tiny EfficientNet on a 2-core CPU.
 OVERRIDES = [
-  "--config.model.name=resnet",
-  "--config.model.variant=tiny",
+  *TINY_MODEL_FLAGS,
   "--config.data.image_size=32",
   "--config.data.batch_size=4",
   "--config.train.num_steps=12",
