@@ -100,8 +100,7 @@ def _same_config(path: str, config) -> bool:
   file = os.path.join(path, "config.json")
   if not os.path.isfile(file):
     return False
-  with open(file) as f:
-    old = workdir_lib._flat(json.load(f))
+  old = workdir_lib.saved_config(file)
   return old == workdir_lib._flat(json.loads(config.to_json_best_effort()))
 
 

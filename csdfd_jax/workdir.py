@@ -83,6 +83,18 @@ def lock(workdir: str) -> Iterator[None]:
       os.remove(path)
 
 
+# Keys added to the config after runs were made, with the value that reproduces what those runs
+# did: a config.json without the key reads as if it held that value, so adding a key does not
+# make every earlier run "another run".
+ADDED_KEYS = {"data.demo_grain": 1.0, "data.demo_fingerprint": 1.0}
+
+
+def saved_config(path: str) -> dict[str, Any]:
+  """The flat config of a run's ``config.json`` at ``path``, with ``ADDED_KEYS`` filled in."""
+  with open(path) as f:
+    return ADDED_KEYS | _flat(json.load(f))
+
+
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for k, v in d.items():
@@ -103,8 +115,7 @@ def check_resume(
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     return {}
-  with open(path) as f:
-    old = _flat(json.load(f))
+  old = saved_config(path)
   new = _flat(json.loads(config.to_json_best_effort()))
   changed = {
     k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)

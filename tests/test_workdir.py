@@ -114,3 +114,18 @@ def test_a_failed_checkpoint_save_stops_training_with_one_line(records, tmp_path
   message = str(e.value)
   assert "saving the checkpoint of step 2" in message and "No space left on device" in message
   assert "\n" not in message
+
+
+def test_a_run_from_before_a_config_key_existed_resumes_and_a_new_value_is_refused(tmp_path):
+  """data.demo_grain and demo_fingerprint came later: a config.json without them reads as
+  holding 1.0 (what those runs did), so it resumes; another value is another run."""
+  config = tiny("", 2)
+  saved = json.loads(config.to_json_best_effort())
+  for key in workdir_lib.ADDED_KEYS:
+    section, name = key.split(".")
+    del saved[section][name]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert workdir_lib.check_resume(str(tmp_path), config, 2, record=False) == {}
+  config.data.demo_grain = 2.5
+  with pytest.raises(workdir_lib.WorkdirError, match="data.demo_grain: 1.0 -> 2.5"):
+    workdir_lib.check_resume(str(tmp_path), config, 2, record=False)
