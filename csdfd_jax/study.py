@@ -1,6 +1,6 @@
 """The side-by-side study: several methods over several seeds on one config, in one table.
 
-    python -m csdfd_jax.study --config=configs/effnet.py:demo --methods=O,S,O+S,uvs,cgr,csdfd \\
+    python -m csdfd_jax.study --config=configs/demo.py --methods=O,S,O+S,uvs,cgr,csdfd \\
         --seeds=0,1,2 --workdir=runs/study [--config.train.num_steps=600 ...]
 
 Every (method, seed) pair is one ordinary train.py run in ``<workdir>/runs/<method>_seed<seed>``
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
 
   flags_ = flags.FlagValues()
   config_flags.DEFINE_config_file(
-    "config", "configs/effnet.py:demo", "Config file[:variant].", flag_values=flags_
+    "config", "configs/demo.py", "Config file[:variant].", flag_values=flags_
   )
   flags.DEFINE_string("methods", "O,S,O+S,uvs,cgr,csdfd", "Comma-separated.", flag_values=flags_)
   flags.DEFINE_string("seeds", "0,1,2", "Comma-separated training seeds.", flag_values=flags_)

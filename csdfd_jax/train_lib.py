@@ -68,7 +68,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not (config.data.demo or config.data.records or config.data.mini_root):
     raise ValueError(
       "no training data: set --config.data.records=DIR (ArrayRecords written by "
-      "`python -m csdfd_jax.data.builder`), use the demo variant (configs/effnet.py:demo) or "
+      "`python -m csdfd_jax.data.builder`), use the demo (configs/demo.py) or "
       "the FFHQ mini protocol (configs/effnet.py:ffhq_mini --config.data.mini_root=../shared/data)"
     )
   if config.data.batch_size % 2:

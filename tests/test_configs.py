@@ -12,9 +12,10 @@ import pytest
 from csdfd_jax import methods, train_lib
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import effnet, gr, roga, vit, xception  # noqa: E402
+from configs import demo, effnet, gr, roga, vit, xception  # noqa: E402
 
 CASES = [
+  (demo, None),
   (effnet, None),
   (effnet, "demo"),
   (effnet, "ffhq_mini"),
@@ -99,3 +100,14 @@ def test_unknown_variant_is_refused():
   for module in (effnet, gr, roga, vit, xception):
     with pytest.raises(ValueError, match="valid"):
       module.get_config("nope")
+  with pytest.raises(ValueError, match="has none"):
+    demo.get_config("nope")
+
+
+def test_demo_is_the_effnet_demo_on_a_tiny_resnet():
+  """The main command's config differs from configs/effnet.py:demo in the backbone only."""
+  ours, theirs = demo.get_config().to_dict(), effnet.get_config("demo").to_dict()
+  assert (ours["model"]["name"], ours["model"]["variant"]) == ("resnet", "tiny")
+  assert ours.pop("model") != theirs.pop("model")
+  assert ours == theirs
+  assert (theirs["data"]["demo_grain"], theirs["data"]["demo_fingerprint"]) == (2.5, 2.0)

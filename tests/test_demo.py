@@ -111,6 +111,8 @@ def test_grain_and_fingerprint_factors_change_only_what_they_scale(small_store, 
 
   config = effnet.get_config("demo")
   config.data.cache = str(tmp_path / "cache")
+  assert protocols.data_dir(config, "w").endswith("demo_seed0_grain2.5_fingerprint2")
+  config.data.demo_grain = config.data.demo_fingerprint = 1.0
   assert protocols.data_dir(config, "w").endswith("demo_seed0")
   config.data.demo_fingerprint = 2.0
   assert protocols.data_dir(config, "w").endswith("demo_seed0_fingerprint2")
