@@ -37,11 +37,11 @@ def records(tmp_path_factory) -> str:
   return str(builder.build_records(store, base / "records"))
 
 
-# The end-to-end tests train a tiny ResNet (one basic block per stage, 8-64 channels) rather
-# than the demo's tiny EfficientNet: the loop, checkpoints, resume and sharding do not depend
-# on the backbone, and on a 2-core CPU XLA compiles its train step about 4x faster (11 s
-# against 40 s). EfficientNet's own forward and gradient are tested against timm, and the
-# README's main command trains it.
+# The end-to-end tests train the main command's tiny ResNet (configs/demo.py: one basic block
+# per stage, 8-64 channels) rather than configs/effnet.py:demo's tiny EfficientNet: the loop,
+# checkpoints, resume and sharding do not depend on the backbone, and on a 2-core CPU XLA
+# compiles its train step about 4x faster (11 s against 40 s). EfficientNet's own forward and
+# gradient are tested against timm (test_efficientnet).
 TINY_MODEL = {"name": "resnet", "variant": "tiny"}
 TINY_MODEL_FLAGS = [f"--config.model.{k}={v}" for k, v in TINY_MODEL.items()]
 
@@ -69,9 +69,8 @@ def saved_params(workdir: str, step: int | None = None, sub: str = "checkpoints"
   return state
 
 
-# csdfd runs in bfloat16 here (the GPU setting) on the demo's own tiny EfficientNet, the one
-# end-to-end run of that backbone in the default suite (about a minute of compiles); the
-# resume and data-parallel tests run it in float32 on the tiny ResNet. O+S and csdfd (which
+# csdfd runs in bfloat16 here (the GPU setting); the resume and data-parallel tests run it in
+# float32. O+S and csdfd (which
 # holds both uvs and cgr) run by default; O, S, uvs and cgr alone, whose steps test_methods
 # checks, run under -m slow.
 @pytest.mark.parametrize(
@@ -83,8 +82,6 @@ def test_every_method_trains_and_eval_reads_its_checkpoint(records, tmp_path, me
   workdir = str(tmp_path / "run")
   config = tiny_config(records, method)
   config.model.dtype = dtype
-  if dtype == "bfloat16":
-    config.model.name, config.model.variant = "efficientnet", "tiny"
   if method == "S":  # model selection on SBI fakes of the validation reals: no O information
     config.train.select, config.data.val_fakes = "best", "sbi"
   summary = train_lib.train_and_evaluate(config, workdir)

@@ -117,11 +117,12 @@ def test_pgd_alone_converges_and_warm_start_keeps_the_optimum():
   with jax.enable_x64(True):
     g = rng.normal(size=(4, 30))
     gram = jnp.asarray(g @ g.T)
-    exact = solve_dual(gram, 0.5)
-    pgd = solve_dual(gram, 0.5, max_exact_streams=0, num_iters=2000)
+    solve = jax.jit(solve_dual, static_argnames=("c", "max_exact_streams", "num_iters"))
+    exact = solve(gram, 0.5)
+    pgd = solve(gram, 0.5, max_exact_streams=0, num_iters=2000)
     scale = np.linalg.norm(g.sum(0)) * np.max(np.linalg.norm(g, axis=1))
     assert float(exact.value - pgd.value) <= 1e-3 * scale
-    warm = solve_dual(gram, 0.5, max_exact_streams=0, num_iters=5, init_weights=exact.weights)
+    warm = solve(gram, 0.5, max_exact_streams=0, num_iters=5, init_weights=exact.weights)
     assert float(exact.value - warm.value) <= 1e-6 * scale
 
 
@@ -339,5 +340,5 @@ def test_gradient_through_the_update_is_finite_where_faces_are_singular(k, kind)
     v, _ = tx.update({"w": x}, tx.init(None))
     return jnp.sum(v["w"] * jnp.arange(12.0))
 
-  value, grad = jax.value_and_grad(f)(jnp.asarray(g, jnp.float32))
+  value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(g, jnp.float32))
   assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))

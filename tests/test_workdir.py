@@ -120,6 +120,7 @@ def test_a_run_from_before_a_config_key_existed_resumes_and_a_new_value_is_refus
   """data.demo_grain and demo_fingerprint came later: a config.json without them reads as
   holding 1.0 (what those runs did), so it resumes; another value is another run."""
   config = tiny("", 2)
+  config.data.demo_grain = config.data.demo_fingerprint = 1.0  # what runs did before the keys
   saved = json.loads(config.to_json_best_effort())
   for key in workdir_lib.ADDED_KEYS:
     section, name = key.split(".")
