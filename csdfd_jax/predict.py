@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   results = pred.predict(args.paths, frames=args.frames)
   _, skipped = expand_paths(args.paths)
   print(
-    f"run {args.workdir} (step {pred.step}, {pred.config.model.variant}, "
+    f"run {args.workdir} (step {pred.step}, {pred.config.model.name} {pred.config.model.variant}, "
     f"{pred.image_size} px), threshold {THRESHOLD}"
   )
   print(format_table(results))
