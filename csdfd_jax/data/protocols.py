@@ -38,10 +38,18 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   protocol = "demo" if config.data.demo else "ffhq_mini"
   name = f"{protocol}_seed{data_seed(config)}"
   if config.data.demo:  # a demo drawn with other grain or fingerprint factors is other data
-    for key in ("demo_grain", "demo_fingerprint"):
-      if config.data.get(key, 1.0) != 1.0:
-        name += f"_{key.removeprefix('demo_')}{config.data[key]:g}"
+    for key, value in demo_factors(config).items():
+      if value != 1.0:
+        name += f"_{key.removesuffix('_scale')}{value:g}"
   return os.path.join(cache, name)
+
+
+def demo_factors(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """``make_demo_store``'s factors from ``config.data.demo_grain`` / ``demo_fingerprint``."""
+  return {
+    "grain_scale": config.data.get("demo_grain", 1.0),
+    "fingerprint_scale": config.data.get("demo_fingerprint", 1.0),
+  }
 
 
 def _demo(root: str, config: ml_collections.ConfigDict) -> str:
@@ -52,12 +60,7 @@ def _demo(root: str, config: ml_collections.ConfigDict) -> str:
   records = os.path.join(root, DEMO_RECORDS)
   if not os.path.exists(os.path.join(records, "DONE")):
     if not os.path.exists(os.path.join(store, "index.jsonl")):
-      demo.make_demo_store(
-        store,
-        seed=data_seed(config),
-        grain_scale=config.data.get("demo_grain", 1.0),
-        fingerprint_scale=config.data.get("demo_fingerprint", 1.0),
-      )
+      demo.make_demo_store(store, seed=data_seed(config), **demo_factors(config))
     builder.build_records(store, records)
     with open(os.path.join(records, "DONE"), "w") as f:
       f.write("ok\n")
